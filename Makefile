@@ -1,0 +1,56 @@
+# handdiff — every target that needs the environment depends on `install`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= experiments/hand/tiny.yaml
+ARGS ?=
+SYNTHETIC := data/synthetic
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED = 1
+
+.PHONY: help install test test-full train-hand synthetic tensorboard lint export clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-nodeps.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip wheel
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	# one OpenCV, installed last: mediapipe/mmcv would otherwise overwrite the cv2 folder
+	$(PY) -m pip install -q --no-deps --force-reinstall opencv-python-headless==4.11.0.86
+	$(PY) -c "import cv2, mediapipe, numpy; assert numpy.__version__.startswith('1.'), numpy.__version__"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the pinned environment (idempotent, fast when done)
+
+$(SYNTHETIC)/.done: $(STAMP) datamodules/synthetic.py
+	$(PY) -m datamodules.synthetic --out $(SYNTHETIC) --n 256 --val 32 --seed 0
+	touch $@
+
+synthetic: $(SYNTHETIC)/.done ## build the built-in synthetic shards (data/synthetic)
+
+train-hand: $(SYNTHETIC)/.done ## train the stage-1 hand generator (CONFIG=..., ARGS="key=value ...")
+	$(PY) -m experiments.run fit $(CONFIG) $(ARGS)
+
+export: install ## export a trained UNet in diffusers format (CONFIG=..., ARGS="ckpt_path=... export_dir=...")
+	$(PY) -m experiments.run export $(CONFIG) $(ARGS)
+
+test: install ## fast tests (CPU, tiny models, synthetic shards)
+	$(PY) -m pytest -q -k "not slow" $(ARGS)
+
+test-full: install ## every test, slow ones included
+	$(PY) -m pytest -q $(ARGS)
+
+tensorboard: install ## serve TensorBoard over logs/
+	$(VENV)/bin/tensorboard --logdir logs --bind_all
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean: ## remove logs, synthetic data and caches (keeps .venv)
+	rm -rf logs data .pytest_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""WebDataset shard lists and the validated sample stream every datamodule builds on."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+
+from datamodules.schema import SKIP_REASONS, Sample, SampleError, decode_sample
+
+log = logging.getLogger(__name__)
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be found or read; the message names it."""
+
+
+def expand_shards(patterns: str | Sequence[str]) -> list[str]:
+    """Expand brace (``train-{000..009}.tar``) and glob (``*/train-*.tar``) patterns.
+
+    Local patterns that match nothing are an error naming the pattern; remote URLs
+    (``pipe:``, ``http(s)://``, ...) are passed through unchecked.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(str(pattern)):
+            if expanded.startswith(_REMOTE_PREFIXES):
+                urls.append(expanded)
+                continue
+            matches = sorted(glob.glob(os.path.expanduser(expanded)))
+            if not matches:
+                raise ShardError(f"shard pattern {pattern!r} matches no file ({expanded!r})")
+            urls.extend(matches)
+    if not urls:
+        raise ShardError(f"no shards in {list(patterns)!r}")
+    return urls
+
+
+def check_shards(urls: Iterable[str]) -> None:
+    """Fail early, naming the shard, if a local shard is not a readable tar file."""
+    for url in urls:
+        if url.startswith(_REMOTE_PREFIXES):
+            continue
+        if not os.path.isfile(url):
+            raise ShardError(f"shard {url!r} does not exist")
+        if not tarfile.is_tarfile(url):
+            raise ShardError(f"shard {url!r} is not a tar file")
+
+
+def _raise_shard_error(exn: Exception) -> bool:
+    # webdataset appends the failing URL to the exception's args.
+    raise ShardError(f"cannot read shard: {exn}") from exn
+
+
+class SkipCounter:
+    """Counts schema violations per reason; logs each skipped sample with its key and shard.
+
+    Workers cannot share state with the trainer, so :meth:`take` returns the counts since its
+    last call as a ``[len(SKIP_REASONS)]`` tensor that travels inside the next example. Counts
+    of samples skipped after the last example of a finite stream never reach the trainer;
+    the log line of each skipped sample still reports it.
+    """
+
+    def __init__(self) -> None:
+        self.pending = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+    def skip(self, raw: dict, error: SampleError) -> None:
+        self.pending[SKIP_REASONS.index(error.reason)] += 1
+        log.warning(
+            "skipped sample %r of shard %r: %s", raw.get("__key__"), raw.get("__url__"), error
+        )
+
+    def take(self) -> torch.Tensor:
+        taken, self.pending = self.pending, torch.zeros_like(self.pending)
+        return taken
+
+
+def validated_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[Sample]:
+    """Decode raw samples, skipping (and counting) those that break the schema."""
+    for raw in src:
+        try:
+            yield decode_sample(raw)
+        except SampleError as error:
+            counter.skip(raw, error)
+
+
+def sample_pipeline(
+    urls: Sequence[str],
+    to_examples: Callable[[Iterable[Sample], SkipCounter], Iterator[dict]],
+    *,
+    seed: int,
+    shuffle: bool,
+    resampled: bool,
+    shuffle_buffer: int = 256,
+    epoch_size: int | None = None,
+) -> wds.DataPipeline:
+    """Shards -> raw samples -> validated :class:`Sample` -> examples built by ``to_examples``.
+
+    ``resampled=True`` (training): every rank and worker draws shards with replacement from its
+    own deterministic seed (``seed``, rank, worker, epoch) and ``epoch_size`` examples make an
+    epoch. ``resampled=False``: the (optionally seed-shuffled) shard list is split by rank, then
+    by worker, so every shard is read exactly once per epoch; this needs at least
+    ``world_size * num_workers`` shards. Samples are shuffled in a buffer before decoding.
+    """
+    if resampled:
+        stages: list = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
+    else:
+        stages = [
+            wds.SimpleShardList(list(urls), seed=seed if shuffle else None),
+            wds.split_by_node,
+            wds.split_by_worker,
+        ]
+    stages.append(wds.tarfile_to_samples(handler=_raise_shard_error))
+    if shuffle:
+        stages.append(wds.detshuffle(shuffle_buffer, initial=min(64, shuffle_buffer), seed=seed))
+    counter = SkipCounter()
+    stages.append(lambda src: to_examples(validated_samples(src, counter), counter))
+    pipeline = wds.DataPipeline(*stages)
+    if epoch_size is not None:
+        pipeline = pipeline.with_epoch(epoch_size)
+    return pipeline

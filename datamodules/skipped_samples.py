@@ -1,0 +1,53 @@
+"""Report the samples the readers skipped: TensorBoard scalars during training, a summary at the end."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from datamodules.schema import SKIP_REASONS
+
+
+class SkippedSampleMonitor(L.Callback):
+    """Sums the ``skipped`` counts that travel in training batches (see ``SkipCounter``).
+
+    Logs ``data/skipped_<reason>`` and ``data/skipped_total`` (summed over ranks, cumulative)
+    every ``log_every_n_steps`` and warns with the totals when training ends.
+    """
+
+    def __init__(self, log_every_n_steps: int = 50):
+        self.log_every_n_steps = log_every_n_steps
+        self.totals = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.totals += batch["skipped"].sum(0).cpu()
+        if trainer.global_step % self.log_every_n_steps == 0:
+            self._log(trainer)
+
+    def _global_totals(self, trainer) -> torch.Tensor:
+        # Every rank must reach this reduce; callbacks run on all ranks.
+        return trainer.strategy.reduce(
+            self.totals.clone().to(trainer.strategy.root_device), reduce_op="sum"
+        ).cpu()
+
+    def _log(self, trainer) -> torch.Tensor:
+        totals = self._global_totals(trainer)
+        if trainer.logger is not None:
+            metrics = {
+                f"data/skipped_{r}": float(n) for r, n in zip(SKIP_REASONS, totals, strict=False)
+            }
+            metrics["data/skipped_total"] = float(totals.sum())
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        return totals
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        totals = self._log(trainer)
+        if totals.sum() == 0:
+            rank_zero_info("data: no sample was skipped")
+            return
+        detail = ", ".join(f"{r}={int(n)}" for r, n in zip(SKIP_REASONS, totals, strict=False) if n)
+        rank_zero_warn(
+            f"data: skipped {int(totals.sum())} bad sample(s) ({detail}); the log names each one"
+        )

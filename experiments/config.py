@@ -1,0 +1,264 @@
+"""Experiment configs: OmegaConf YAML in the latent-diffusion ``target``/``params`` convention.
+
+A config file may list ``defaults:`` (files merged before it, paths relative to the file);
+several files and ``key=value`` overrides merge left to right. Before anything is built,
+:func:`load_config` checks every key against what it configures — a ``target``'s constructor
+signature, the dataclass a parameter is typed with, ``lightning.Trainer`` — so an unknown key,
+a missing required key or a value outside a ``Literal`` fails at once, naming the key and the
+file (or "command line") that set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TOP_LEVEL_KEYS = {
+    "name": "run name: logs/<name>/ holds its TensorBoard runs and checkpoints",
+    "seed": "global seed (lightning.seed_everything, data shuffling)",
+    "ckpt_path": "checkpoint to resume from: a path, 'last', or null",
+    "export_dir": "where `export` writes the diffusers-format model",
+    "model": "target/params of the LightningModule",
+    "data": "target/params of the LightningDataModule",
+    "trainer": "keyword arguments of lightning.Trainer",
+    "logger": "target/params of the logger",
+    "callbacks": "name -> target/params (null disables one)",
+}
+REQUIRED_KEYS = ("name", "model", "data", "trainer")
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and where it was set."""
+
+
+class Provenance(dict):
+    """Dotted key -> the file (or "command line") that set it last."""
+
+    def where(self, key: str) -> str:
+        if key in self:
+            return self[key]
+        below = sorted({src for k, src in self.items() if k.startswith(key + ".")})
+        if below:
+            return ", ".join(below)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return self.where(parent) if parent else "?"
+
+
+def _leaves(node, prefix: str = ""):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix
+
+
+def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'defaults' include themselves")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping")
+    sources = []
+    defaults = cfg.pop("defaults", None) or []
+    for entry in defaults:
+        sources += _load_file(path.parent / str(entry), (*seen, path))
+    sources.append((_display(path), cfg))
+    return sources
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_config(
+    paths: list[str | Path], overrides: list[str] = ()
+) -> tuple[DictConfig, Provenance]:
+    """Merge config files and ``key=value`` overrides, then validate (raises ConfigError).
+
+    Returns the merged config and where each key was set.
+    """
+    sources: list[tuple[str, DictConfig]] = []
+    for p in paths:
+        sources += _load_file(Path(p))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{COMMAND_LINE}: overrides must be key=value, got {bad}")
+    if overrides:
+        sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+    provenance = Provenance()
+    for name, cfg in sources:
+        for key in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+            provenance[key] = name
+    merged = OmegaConf.merge(*[cfg for _, cfg in sources]) if sources else OmegaConf.create()
+    validate(merged, provenance)
+    return merged, provenance
+
+
+def validate(cfg: DictConfig, provenance: Provenance) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            "missing required value(s): "
+            + ", ".join(f"{k} (in {provenance.where(k)})" for k in missing)
+        )
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "?")
+        raise ConfigError(f"{key} (in {provenance.where(str(key))}): {exc}") from None
+    for key in container:
+        if key not in TOP_LEVEL_KEYS:
+            _unknown(str(key), TOP_LEVEL_KEYS, provenance, "a config's top level")
+    for key in REQUIRED_KEYS:
+        if container.get(key) is None:
+            raise ConfigError(f"missing required key '{key}' ({TOP_LEVEL_KEYS[key]})")
+    for key in ("model", "data", "logger"):
+        if container.get(key) is not None:
+            check_target(key, container[key], provenance)
+    for name, node in (container.get("callbacks") or {}).items():
+        if node is not None:
+            check_target(f"callbacks.{name}", node, provenance)
+    trainer = container["trainer"]
+    if not isinstance(trainer, dict):
+        raise ConfigError(f"trainer (in {provenance.where('trainer')}) must be a mapping")
+    for key in ("logger", "callbacks"):
+        if key in trainer:
+            raise ConfigError(
+                f"trainer.{key} (in {provenance.where('trainer.' + key)}): set the top-level "
+                f"'{key}' section instead"
+            )
+    check_kwargs(L.Trainer, trainer, "trainer", provenance, required=False)
+
+
+def _unknown(key: str, known, provenance: Provenance, owner: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"unknown key '{key}' (in {provenance.where(key)}): not accepted by {owner}{hint}"
+    )
+
+
+def import_target(target: str):
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import target {target!r}: {exc}") from None
+
+
+def check_target(path: str, node, provenance: Provenance) -> None:
+    if not isinstance(node, dict) or "target" not in node:
+        raise ConfigError(f"{path} (in {provenance.where(path)}) needs a 'target' (and 'params')")
+    for key in node:
+        if key not in ("target", "params"):
+            _unknown(f"{path}.{key}", ("target", "params"), provenance, f"{path}")
+    try:
+        obj = import_target(node["target"])
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{path}.target (in {provenance.where(path + '.target')}): {exc}"
+        ) from None
+    check_kwargs(obj, node.get("params") or {}, f"{path}.params", provenance)
+
+
+def _dataclass_in(annotation):
+    """The dataclass named in ``annotation`` (``X``, ``X | dict | None``), if any."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _literal_in(annotation):
+    """Allowed values when ``annotation`` is ``Literal[...]`` (optionally ``| None``)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
+            return (*typing.get_args(args[0]), None)
+    return None
+
+
+def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool = True) -> None:
+    """Check ``params`` against ``obj``'s signature (a class, function or dataclass)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} (in {provenance.where(path)}) must be a mapping")
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    signature = inspect.signature(obj)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references in third-party code: skip types
+        hints = {}
+    accepted = {
+        n: p
+        for n, p in signature.parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    owner = getattr(obj, "__qualname__", str(obj))
+    for key, value in params.items():
+        key_path = f"{path}.{key}"
+        if key not in accepted:
+            if open_ended:
+                continue
+            _unknown(key_path, accepted, provenance, owner)
+        annotation = hints.get(key)
+        choices = _literal_in(annotation)
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"{key_path}={value!r} (in {provenance.where(key_path)}): choose one of "
+                f"{[c for c in choices if c is not None]}"
+            )
+        nested = _dataclass_in(annotation)
+        if nested is not None and isinstance(value, dict):
+            check_kwargs(nested, value, key_path, provenance)
+        elif isinstance(value, dict) and "target" in value:
+            check_target(key_path, value, provenance)
+    if required:
+        for name, p in accepted.items():
+            if p.default is p.empty and name not in params and name != "self":
+                raise ConfigError(
+                    f"missing required key '{path}.{name}' for {owner} (in "
+                    f"{provenance.where(path)})"
+                )
+
+
+def instantiate(node: dict, **extra):
+    """Build ``target(**params, **extra)`` from a validated node."""
+    return import_target(node["target"])(**(node.get("params") or {}), **extra)
+
+
+def flatten(node, prefix: str = "") -> dict[str, object]:
+    """Flat ``{"model.params.lr": 1e-5, ...}`` for TensorBoard's hparams (scalars and strings)."""
+    out: dict[str, object] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(node, bool | int | float | str):
+        out[prefix] = node
+    else:
+        out[prefix] = str(node)
+    return out

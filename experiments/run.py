@@ -1,0 +1,139 @@
+"""Command-line entry point.
+
+    python -m experiments.run fit experiments/hand/tiny.yaml [more.yaml ...] [key=value ...]
+    python -m experiments.run validate CONFIG [key=value ...]
+    python -m experiments.run export CONFIG ckpt_path=last export_dir=exports/hand
+    python -m experiments.run print CONFIG [key=value ...]
+
+Arguments ending in ``.yaml`` are config files merged in order (e.g. a ``experiments/debug/``
+overlay after the experiment); the others are OmegaConf dotlist overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from experiments.config import ConfigError, Provenance, flatten, instantiate, load_config
+
+log = logging.getLogger("handdiff")
+
+
+def _build(section: str, node: dict, provenance: Provenance):
+    try:
+        return instantiate(node)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"building '{section}' ({node['target']}, in {provenance.where(section)}) failed: {exc}"
+        ) from exc
+
+
+def find_last_checkpoint(container: dict) -> Path | None:
+    """The newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of this run name."""
+    save_dir = ((container.get("logger") or {}).get("params") or {}).get("save_dir", "logs")
+    candidates = glob.glob(
+        os.path.join(save_dir, container["name"], "version_*", "checkpoints", "last.ckpt")
+    )
+    return Path(max(candidates, key=os.path.getmtime)) if candidates else None
+
+
+def resolve_checkpoint(container: dict) -> str | None:
+    """``ckpt_path``, with ``last`` turned into the newest ``last.ckpt`` of this run name (or
+    None when there is none yet, so that a first run starts from scratch)."""
+    path = container.get("ckpt_path")
+    if path != "last":
+        return path
+    last = find_last_checkpoint(container)
+    if last is None:
+        log.warning(
+            "ckpt_path=last: no checkpoint of %r yet, starting from scratch", container["name"]
+        )
+        return None
+    return str(last)
+
+
+def build(cfg, provenance: Provenance):
+    """Model, datamodule, trainer and the checkpoint to resume from (nothing runs yet).
+
+    Resuming continues the TensorBoard run the checkpoint belongs to.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(container.get("seed", 0), workers=True)
+    ckpt_path = resolve_checkpoint(container)
+    datamodule = _build("data", container["data"], provenance)
+    model = _build("model", container["model"], provenance)
+    logger = False
+    if container.get("logger"):
+        node = container["logger"]
+        if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+            version = Path(ckpt_path).parent.parent.name
+            node = {**node, "params": {**(node.get("params") or {}), "version": version}}
+        logger = _build("logger", node, provenance)
+    callbacks = [
+        _build(f"callbacks.{name}", node, provenance)
+        for name, node in (container.get("callbacks") or {}).items()
+        if node is not None
+    ]
+    trainer = L.Trainer(**container["trainer"], logger=logger, callbacks=callbacks)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(flatten(container))
+    return model, datamodule, trainer, ckpt_path
+
+
+def export(cfg, model: L.LightningModule, ckpt_path: str | None) -> Path:
+    """Load ``ckpt_path`` into ``model`` and write it in diffusers format to ``export_dir``."""
+    if not ckpt_path:
+        raise ConfigError("export needs ckpt_path=<file> (or 'last' with an existing last.ckpt)")
+    if not cfg.get("export_dir"):
+        raise ConfigError("export needs export_dir=<folder>")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    out = model.export_diffusers(cfg.export_dir)
+    log.info("exported %s (step %s) to %s", ckpt_path, checkpoint.get("global_step"), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=("fit", "validate", "export", "print"))
+    parser.add_argument("args", nargs="+", help="config files (*.yaml) and key=value overrides")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    files = [a for a in ns.args if a.endswith((".yaml", ".yml"))]
+    overrides = [a for a in ns.args if not a.endswith((".yaml", ".yml"))]
+    if not files:
+        parser.error("give at least one config file")
+    try:
+        cfg, provenance = load_config(files, overrides)
+        if ns.command == "print":
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return {}
+        model, datamodule, trainer, ckpt_path = build(cfg, provenance)
+        if ns.command == "export":
+            export(cfg, model, ckpt_path)
+            return {}
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if ns.command == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+if __name__ == "__main__":
+    main()

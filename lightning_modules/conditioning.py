@@ -1,0 +1,81 @@
+"""How a pose image enters the UNet. Swappable: a method names one in its config."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from lightning_modules.unet_surgery import widen_conv_in
+
+
+class PoseConditioning(nn.Module, ABC):
+    """Interface of a pose-conditioning piece.
+
+    ``attach`` adapts the UNet once; ``encode`` turns a pose image ``[B, 3, H, W]`` in [0, 1]
+    into the condition the UNet call takes; ``null`` is the condition classifier-free guidance
+    drops to; ``predict`` runs the UNet on noisy latents ``[B, 4, H/8, W/8]``.
+    """
+
+    @abstractmethod
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Adapt ``unet`` in place for this kind of condition."""
+
+    @abstractmethod
+    def encode(
+        self, pose_image: torch.Tensor, vae_encode: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The condition the UNet call takes, from a pose image in [0, 1]."""
+
+    @abstractmethod
+    def null(self, condition: torch.Tensor) -> torch.Tensor:
+        """The condition that stands for "no pose" (classifier-free guidance)."""
+
+    @abstractmethod
+    def predict(
+        self,
+        unet: UNet2DConditionModel,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        condition: torch.Tensor,
+    ) -> torch.Tensor:
+        """The UNet's raw output for ``noisy_latents`` under ``condition``."""
+
+
+class ConcatPoseConditioning(PoseConditioning):
+    """The pose image, VAE-encoded, concatenated to the noisy latent (HumanSD; Giving a Hand's
+    stage 1): ``conv_in`` grows from 4 to 8 input channels, the new weights zero-initialised.
+
+    The pose latent is the VAE posterior's mode (not a sample) times the scaling factor: the
+    condition should not be noisy. A dropped pose (CFG) is the zero latent.
+    """
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        latent = unet.conv_in.in_channels
+        if latent == 4:
+            widen_conv_in(unet, 8)
+        elif latent != 8:
+            raise ValueError(f"concat conditioning needs a 4- or 8-channel UNet, got {latent}")
+
+    def encode(self, pose_image, vae_encode):
+        return vae_encode(pose_image * 2 - 1)
+
+    def null(self, condition):
+        return torch.zeros_like(condition)
+
+    def predict(self, unet, noisy_latents, timesteps, text_embeddings, condition):
+        x = torch.cat([noisy_latents, condition.to(noisy_latents.dtype)], dim=1)
+        return unet(x, timesteps, encoder_hidden_states=text_embeddings).sample
+
+
+CONDITIONINGS: dict[str, type[PoseConditioning]] = {"concat": ConcatPoseConditioning}
+
+
+def build_conditioning(name: str) -> PoseConditioning:
+    if name not in CONDITIONINGS:
+        raise ValueError(f"conditioning={name!r}: choose one of {sorted(CONDITIONINGS)}")
+    return CONDITIONINGS[name]()

@@ -1,0 +1,300 @@
+"""Shared latent-diffusion plumbing: components, frozen parts, noise, loss target, EMA,
+optimiser, checkpoint slimming and export. A method subclasses :class:`LatentDiffusionModule`
+and adds only its conditioning, loss terms and sampler wiring."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+
+from lightning_modules.components import ComponentsConfig, load_components
+from lightning_modules.sampling import SamplerConfig, make_scheduler
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and a diffusers learning-rate schedule (``constant``, ``constant_with_warmup``,
+    ``cosine``, ``linear``, ...), stepped every optimiser step."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    schedule: str = "constant_with_warmup"
+    warmup_steps: int = 0
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (diffusers' ``EMAModel``)."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_ema_warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+
+def as_config(cls, value):
+    """A dataclass instance from a dataclass, a mapping (YAML) or ``None`` (defaults)."""
+    if isinstance(value, cls):
+        return value
+    return cls(**dict(value or {}))
+
+
+class LatentDiffusionModule(L.LightningModule):
+    """Stable-Diffusion-style training in latent space.
+
+    The VAE and text encoder are frozen (no gradients, always in eval mode, cast to the
+    autocast dtype) and left out of checkpoints, which hold only what is trained, the EMA and
+    the optimiser state; a rebuild from the config restores them. Every parameter that still
+    requires grad after the subclass's ``__init__`` is trained (and EMA-averaged).
+    """
+
+    frozen_modules: tuple[str, ...] = ("vae", "text_encoder")
+
+    def __init__(
+        self,
+        components: ComponentsConfig | dict,
+        optimizer: OptimizerConfig | dict | None = None,
+        sampler: SamplerConfig | dict | None = None,
+        ema: EMAConfig | dict | None = None,
+        caption_dropout: float = 0.1,
+        snr_gamma: float | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.components_config = as_config(ComponentsConfig, components)
+        self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        self.sampler_config = as_config(SamplerConfig, sampler)
+        self.ema_config = as_config(EMAConfig, ema)
+        self.caption_dropout = caption_dropout
+        self.snr_gamma = snr_gamma
+        self.compile_unet = compile
+        parts = load_components(self.components_config)
+        self.unet = parts.unet
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = parts.noise_scheduler
+        for name in self.frozen_modules:
+            getattr(self, name).requires_grad_(False).eval()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.ema: EMAModel | None = None
+        self._ema_step = -1
+
+    # ----------------------------------------------------------------- frozen parts
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_modules:
+            getattr(self, name).eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self._trainer else "32"
+        dtype = (
+            torch.bfloat16
+            if precision.startswith("bf16")
+            else torch.float16
+            if precision.startswith("16")
+            else torch.float32
+        )
+        # Trained weights stay fp32 (fp16 weights cannot be unscaled); frozen ones need not.
+        for name in self.frozen_modules:
+            module = getattr(self, name)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+
+    def configure_model(self) -> None:
+        if self.compile_unet and not getattr(self, "_compiled", False):
+            self.unet.compile()
+            self._compiled = True
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/8, W/8]`` (fp32)."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample() if sample else posterior.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` -> images ``[B, 3, 8h, 8w]`` in [0, 1] (fp32)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        images = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Captions -> CLIP hidden states ``[B, 77, D]``."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Replace each caption by "" with probability ``caption_dropout`` (CFG training)."""
+        keep = torch.rand(len(captions)) >= self.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+    # ----------------------------------------------------------------- diffusion loss
+    def add_noise(
+        self, latents: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward process q(z_t | z_0): returns ``(noise, timesteps [B], noisy latents)``."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
+        ).to(self.device)
+        return noise, timesteps, self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def denoising_loss(
+        self,
+        prediction: torch.Tensor,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """L_LDM = E ||target - model output||^2 (Rombach et al. 2022, eq. 2), the target set by
+        the scheduler's ``prediction_type``; Min-SNR-gamma weighting (Hang et al. 2023) if set."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        elif kind == "sample":
+            target = latents
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+        if self.snr_gamma is None:
+            return per_sample.mean()
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+        return (per_sample * weight).mean()
+
+    # ----------------------------------------------------------------- EMA
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _make_ema(self) -> None:
+        cfg = self.ema_config
+        self.ema = EMAModel(
+            self.trainable_parameters(),
+            decay=cfg.decay,
+            min_decay=cfg.min_decay,
+            update_after_step=cfg.update_after_step,
+            use_ema_warmup=cfg.use_ema_warmup,
+            inv_gamma=cfg.inv_gamma,
+            power=cfg.power,
+        )
+
+    def on_fit_start(self) -> None:
+        if self.ema_config.enabled and self.ema is None:
+            self._make_ema()
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Once per optimiser step, not per micro-batch under gradient accumulation.
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.step(self.trainable_parameters())
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights into the model (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _is_frozen_key(self, key: str) -> bool:
+        return key.split(".", 1)[0] in self.frozen_modules
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen_key(k)
+        }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights are not stored: take them from the freshly built components.
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if self._is_frozen_key(k)})
+        if "ema" in checkpoint:
+            if self.ema is None:
+                self._make_ema()
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            eps=cfg.eps,
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        schedule = get_scheduler(
+            cfg.schedule,
+            optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=total,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------- sampling helpers
+    def sampling_scheduler(self, name: str | None = None):
+        return make_scheduler(name or self.sampler_config.scheduler, self.noise_scheduler.config)
+
+    def export_diffusers(self, out_dir: str | os.PathLike) -> Path:
+        """Write the trained UNet (EMA weights when on) and the scheduler in diffusers format,
+        plus ``handdiff.json`` with the module's hyperparameters."""
+        out = Path(out_dir)
+        with self.ema_weights():
+            self.unet.save_pretrained(out / "unet")
+        self.noise_scheduler.save_pretrained(out / "scheduler")
+        hparams = {k: (asdict(v) if is_dataclass(v) else v) for k, v in dict(self.hparams).items()}
+        (out / "handdiff.json").write_text(
+            json.dumps(
+                {"class": type(self).__qualname__, "hparams": hparams}, indent=2, default=str
+            )
+        )
+        return out
