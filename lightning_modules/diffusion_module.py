@@ -129,10 +129,13 @@ class LatentDiffusionModule(L.LightningModule):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/8, W/8]`` (fp32)."""
+    def encode_images(
+        self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/8, W/8]`` (fp32): a sample
+        of the VAE posterior, or its mode with ``sample=False``."""
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if sample else posterior.mode()
+        latents = posterior.sample(generator) if sample else posterior.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 

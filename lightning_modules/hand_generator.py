@@ -83,7 +83,7 @@ class HandGenerator(LatentDiffusionModule):
     def losses(
         self, batch: dict, train: bool, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        latents = self.encode_images(batch["image"])
+        latents = self.encode_images(batch["image"], generator=generator)
         pose = self.encode_pose(batch["pose_image"])
         captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
         if train and self.pose_dropout > 0:
