@@ -1,4 +1,4 @@
-"""Report the samples the readers skipped: TensorBoard scalars during training, a summary at the end."""
+"""Report skipped samples: TensorBoard scalars during training, a summary at the end."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_modules.components import ComponentsConfig, load_components
 from lightning_modules.sampling import SamplerConfig, make_scheduler
+
+# The VAE and text encoder are in eval mode on purpose (frozen); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @dataclass

@@ -16,9 +16,11 @@ FAST = str(ROOT / "experiments/debug/fast_dev_run.yaml")
 
 
 def _data(synthetic_dir) -> list[str]:
-    return [f"data.params.train_shards={synthetic_dir}/train-*.tar",
-            f"data.params.val_shards={synthetic_dir}/val-*.tar",
-            "data.params.num_workers=0"]
+    return [
+        f"data.params.train_shards={synthetic_dir}/train-*.tar",
+        f"data.params.val_shards={synthetic_dir}/val-*.tar",
+        "data.params.num_workers=0",
+    ]
 
 
 def test_every_experiment_config_is_valid_or_names_what_is_missing():
@@ -63,17 +65,23 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
 def test_missing_weights_path_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"components.pretrained.*sd15_hagrid.yaml"):
         load_config([SD15])
-    cfg, provenance = load_config([SD15], [
-        f"model.params.components.pretrained={tmp_path}/no-such-sd15",
-        f"data.params.train_shards={tmp_path}/x.tar"])
-    with pytest.raises(ConfigError, match="building 'data'.*x.tar"):
+    cfg, provenance = load_config(
+        [SD15],
+        [
+            f"model.params.components.pretrained={tmp_path}/no-such-sd15",
+            f"data.params.train_shards={tmp_path}/x.tar",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"building 'data'.*x\.tar"):
         build(cfg, provenance)
 
 
 def test_missing_weights_folder_is_named(synthetic_dir, tmp_path):
-    cfg, provenance = load_config([SD15], [
-        f"model.params.components.pretrained={tmp_path}/no-such-sd15", *_data(synthetic_dir)])
-    with pytest.raises(ConfigError, match="building 'model'.*no-such-sd15.*no such folder"):
+    cfg, provenance = load_config(
+        [SD15],
+        [f"model.params.components.pretrained={tmp_path}/no-such-sd15", *_data(synthetic_dir)],
+    )
+    with pytest.raises(ConfigError, match=r"building 'model'.*no-such-sd15.*no such folder"):
         build(cfg, provenance)
 
 

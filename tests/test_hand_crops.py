@@ -21,27 +21,30 @@ def _marked_sample(with_mask: bool) -> tuple[Sample, np.ndarray]:
     rng = np.random.default_rng(0)
     angles = np.linspace(-0.6, 0.6, 20)
     points = [(100.0, 90.0)] + [
-        (100 + r * np.sin(a), 90 - r * np.cos(a)) for a, r in zip(angles, np.tile([12, 20, 27, 33], 5),
-                                                                  strict=True)
+        (100 + r * np.sin(a), 90 - r * np.cos(a))
+        for a, r in zip(angles, np.tile([12, 20, 27, 33], 5), strict=True)
     ]
     keypoints = np.array([[x, y, 2] for x, y in points])
     pixels = rng.integers(0, 60, (160, 200, 3)).astype(np.uint8)
     for x, y, _ in keypoints:
-        pixels[int(y) - 2: int(y) + 3, int(x) - 2: int(x) + 3] = MARK
+        pixels[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3] = MARK
     mask = None
     if with_mask:
         mask = np.zeros((160, 200), np.uint8)
         mask[40:100, 60:140] = 255
     person = Person((0, 0, 200, 160), np.zeros((17, 3)), right_hand=keypoints)
-    return Sample("k", "u", Image.fromarray(pixels), "raise the left hand", {}, [person], mask), keypoints
+    return Sample(
+        "k", "u", Image.fromarray(pixels), "raise the left hand", {}, [person], mask
+    ), keypoints
 
 
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_crop_keeps_keypoints_on_their_pixels(flip, with_mask):
     sample, keypoints = _marked_sample(with_mask)
-    config = HandCropConfig(resolution=96, margin=0.3, flip_prob=1.0 if flip else 0.0,
-                            line_width=1, joint_radius=1)
+    config = HandCropConfig(
+        resolution=96, margin=0.3, flip_prob=1.0 if flip else 0.0, line_width=1, joint_radius=1
+    )
     out = hand_crop(sample, keypoints, True, config, random.Random(0))
     image = ((out["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round()
     skeleton = (out["pose_image"].permute(1, 2, 0).numpy() * 255).round()
@@ -49,7 +52,7 @@ def test_crop_keeps_keypoints_on_their_pixels(flip, with_mask):
     for x, y, _ in points:
         px, py = int(x), int(y)  # the pixel containing the keypoint (corner convention)
         assert np.abs(image[py, px] - MARK).max() < 60, (x, y, image[py, px])
-        assert skeleton[py - 1: py + 2, px - 1: px + 2].max() > 100
+        assert skeleton[py - 1 : py + 2, px - 1 : px + 2].max() > 100
         assert out["mask"][0, py, px] == 1
     assert out["is_right"] is (not flip)
     assert out["caption"] == ("raise the right hand" if flip else "raise the left hand")
@@ -57,21 +60,22 @@ def test_crop_keeps_keypoints_on_their_pixels(flip, with_mask):
     # nothing drawn far from the hand
     far = np.ones(skeleton.shape[:2], bool)
     for x, y, _ in points:
-        far[max(0, int(y) - 12): int(y) + 12, max(0, int(x) - 12): int(x) + 12] = False
+        far[max(0, int(y) - 12) : int(y) + 12, max(0, int(x) - 12) : int(x) + 12] = False
     assert skeleton[far].max() == 0
 
 
 def test_flip_mirrors_image_mask_and_skeleton():
     sample, keypoints = _marked_sample(with_mask=False)
     kw = dict(resolution=64, line_width=2, joint_radius=0)
-    plain = hand_crop(sample, keypoints, False, HandCropConfig(flip_prob=0.0, **kw),
-                      random.Random(0))
-    flipped = hand_crop(sample, keypoints, False, HandCropConfig(flip_prob=1.0, **kw),
-                        random.Random(0))
+    plain = hand_crop(
+        sample, keypoints, False, HandCropConfig(flip_prob=0.0, **kw), random.Random(0)
+    )
+    flipped = hand_crop(
+        sample, keypoints, False, HandCropConfig(flip_prob=1.0, **kw), random.Random(0)
+    )
     assert (flipped["image"] == plain["image"].flip(-1)).all()
     assert (flipped["mask"] == plain["mask"].flip(-1)).all()
-    np.testing.assert_allclose(flipped["keypoints"][:, 0], 64 - plain["keypoints"][:, 0],
-                               atol=1e-5)
+    np.testing.assert_allclose(flipped["keypoints"][:, 0], 64 - plain["keypoints"][:, 0], atol=1e-5)
     # rendered from mirrored keypoints: equal to the mirrored rendering up to anti-aliasing
     diff = (flipped["pose_image"] - plain["pose_image"].flip(-1)).abs()
     assert diff.mean() < 0.01 and (diff > 0.5).float().mean() < 0.01
@@ -87,11 +91,17 @@ def test_crop_box_is_square_centred_with_margin():
 
 def test_skeleton_uses_openpose_hand_colours():
     sample, keypoints = _marked_sample(with_mask=False)
-    out = hand_crop(sample, keypoints, True, HandCropConfig(resolution=128, flip_prob=0,
-                                                            line_width=3, joint_radius=2),
-                    random.Random(0))
-    pixels = {tuple(p) for p in (out["pose_image"].permute(1, 2, 0).reshape(-1, 3) * 255)
-              .round().int().tolist()}
+    out = hand_crop(
+        sample,
+        keypoints,
+        True,
+        HandCropConfig(resolution=128, flip_prob=0, line_width=3, joint_radius=2),
+        random.Random(0),
+    )
+    pixels = {
+        tuple(p)
+        for p in (out["pose_image"].permute(1, 2, 0).reshape(-1, 3) * 255).round().int().tolist()
+    }
     assert HAND_JOINT_COLOR in pixels
     assert sum(c in pixels for c in HAND_EDGE_COLORS) >= 15
     assert HAND_EDGE_COLORS[0] == (255, 0, 0)  # edge 0 at hue 0, as OpenPose

@@ -79,13 +79,12 @@ def test_total_loss_is_denoising_plus_weighted_mask_loss(weight):
     g = torch.Generator().manual_seed(0)
     latents = model.encode_images(batch["image"], generator=g)
     noise, t, noisy = model.add_noise(latents, g)
-    eps, logits = model(noisy, t, model.encode_prompts(batch["caption"]),
-                        model.encode_pose(batch["pose_image"]))
+    eps, logits = model(
+        noisy, t, model.encode_prompts(batch["caption"]), model.encode_pose(batch["pose_image"])
+    )
     target = F.interpolate(batch["mask"], size=(8, 8), mode="area")
     torch.testing.assert_close(losses["loss_denoise"], F.mse_loss(eps, noise))
-    torch.testing.assert_close(
-        losses["loss_mask"], ((target - torch.sigmoid(logits)) ** 2).mean()
-    )
+    torch.testing.assert_close(losses["loss_mask"], ((target - torch.sigmoid(logits)) ** 2).mean())
 
 
 def test_v_prediction_target_follows_the_scheduler():
@@ -126,12 +125,15 @@ def test_frozen_parts_stay_frozen_and_in_eval_mode(tiny_generator):
 def test_sample_shapes_ranges_and_determinism(tiny_generator, scheduler):
     batch = _batch(n=2)
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, scheduler=scheduler)
-    images, masks = tiny_generator.sample(batch["pose_image"], batch["caption"],
-                                          generator=torch.Generator().manual_seed(7), **kwargs)
-    again, _ = tiny_generator.sample(batch["pose_image"], batch["caption"],
-                                     generator=torch.Generator().manual_seed(7), **kwargs)
-    other, _ = tiny_generator.sample(batch["pose_image"], batch["caption"],
-                                     generator=torch.Generator().manual_seed(8), **kwargs)
+    images, masks = tiny_generator.sample(
+        batch["pose_image"], batch["caption"], generator=torch.Generator().manual_seed(7), **kwargs
+    )
+    again, _ = tiny_generator.sample(
+        batch["pose_image"], batch["caption"], generator=torch.Generator().manual_seed(7), **kwargs
+    )
+    other, _ = tiny_generator.sample(
+        batch["pose_image"], batch["caption"], generator=torch.Generator().manual_seed(8), **kwargs
+    )
     assert images.shape == (2, 3, 64, 64) and masks.shape == (2, 1, 64, 64)
     assert images.min() >= 0 and images.max() <= 1
     assert masks.min() >= 0 and masks.max() <= 1

@@ -26,9 +26,9 @@ def test_pattern_matching_nothing_names_the_pattern(tmp_path):
 def test_unreadable_shard_is_named(tmp_path):
     bad = tmp_path / "broken.tar"
     bad.write_bytes(b"definitely not a tar archive" * 10)
-    with pytest.raises(ShardError, match="broken.tar"):
+    with pytest.raises(ShardError, match=r"broken\.tar"):
         check_shards([str(bad)])
-    with pytest.raises(ShardError, match="broken.tar"):
+    with pytest.raises(ShardError, match=r"broken\.tar"):
         HandDataModule(str(bad))
 
 

@@ -1,0 +1,72 @@
+"""Tiny components mirror SD's architecture; the offline tokenizer matches CLIP's ids."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from lightning_modules.components import (
+    ComponentsConfig,
+    build_tiny_components,
+    clip_tokenizer,
+    load_components,
+)
+
+
+@pytest.mark.parametrize("text", ["a photo of a man raising the left hand", "Hello, World! 12"])
+def test_tokenizer_ids_match_open_clip(text):
+    ids = clip_tokenizer()(text).input_ids
+    reference = open_clip.tokenize([text])[0]
+    assert ids == reference[reference > 0].tolist()
+    assert ids[0] == 49406 and ids[-1] == 49407
+
+
+def test_tiny_components_have_sd_shapes():
+    parts = build_tiny_components()
+    assert parts.vae.config.latent_channels == 4
+    assert 2 ** (len(parts.vae.config.block_out_channels) - 1) == 8  # SD's x8 downsampling
+    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+    latents = parts.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    assert latents.shape == (1, 4, 8, 8)
+    assert parts.noise_scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_pretrained_is_required_without_tiny():
+    with pytest.raises(ValueError, match=r"components\.pretrained is required"):
+        load_components(ComponentsConfig())
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_components(ComponentsConfig(pretrained="./weights/sd15"))
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_training_step_on_cuda():
+    import lightning as L
+
+    from lightning_modules.hand_generator import HandGenerator
+
+    model = HandGenerator(components={"tiny": True})
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    model.trainer = trainer
+    model.setup("fit")
+    model.cuda()
+    assert model.vae.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    batch = {
+        "image": torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1,
+        "pose_image": torch.rand(2, 3, 64, 64, device="cuda"),
+        "mask": torch.ones(2, 1, 64, 64, device="cuda"),
+        "caption": ["a hand", "a hand"],
+    }
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.losses(batch, train=True)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.trainable_parameters())
