@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 CONFIG ?= experiments/hand/tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
-export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED = 1
 
 .PHONY: help install test test-full train-hand synthetic tensorboard lint export clean

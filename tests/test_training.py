@@ -181,3 +181,37 @@ def test_resume_with_gradient_accumulation_restores_the_optimizer_step(
     assert ckpt["global_step"] == 6
     # 6 optimiser steps of 2 micro-batches each
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 12
+
+
+def test_skipped_samples_reach_tensorboard(tmp_path, monkeypatch):
+    from tests.conftest import make_raw_sample, write_tar
+
+    samples = []
+    for i in range(12):
+        samples.append(make_raw_sample(key=f"good{i}"))
+        if i % 4 == 0:
+            samples.append(make_raw_sample(key=f"bad{i}", png=b"truncated"))
+    shard = write_tar(tmp_path / "mixed.tar", samples)
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            TINY,
+            LIMIT,
+            f"data.params.train_shards={shard}",
+            "data.params.val_shards=null",
+            "data.params.batch_size=2",
+            "data.params.num_workers=0",
+            "data.params.resampled=false",
+            "data.params.shuffle_buffer=1",
+            "trainer.max_steps=6",
+            "callbacks.images=null",
+            "callbacks.skipped_samples.params.log_every_n_steps=1",
+        ]
+    )
+    events = EventAccumulator(
+        str(tmp_path / "logs/hand/tiny/version_0"), size_guidance={"scalars": 0}
+    )
+    events.Reload()
+    assert events.Scalars("data/skipped_total")[-1].value == 3
+    assert events.Scalars("data/skipped_bad_image")[-1].value == 3
