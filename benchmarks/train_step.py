@@ -5,7 +5,10 @@ architecture), through handdiff's own ``from_pretrained`` path.
 
 Reports seconds per step, images/s, model FLOPs per step (torch's FlopCounterMode: UNet
 forward + backward, VAE encodes, text encoder) and model FLOP utilisation against the GPU's
-dense bf16 peak. Results measured on lent GPUs are in benchmarks/RESULTS.md.
+dense bf16 peak, for handdiff's step and, in the same process on the same components, for the
+step of diffusers' ``examples/text_to_image/train_text_to_image.py`` (plain 4-channel UNet, one
+VAE encode, epsilon MSE) that a user would otherwise start from. Results measured on lent GPUs
+are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -85,39 +88,70 @@ def main() -> None:
         "caption": ["a photo of a hand showing a peace sign"] * b,
     }
 
-    def step() -> None:
+    def handdiff_step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.losses(batch, train=True)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # The reference: diffusers' text-to-image fine-tuning step on an unmodified SD UNet.
+    reference_unet = UNet2DConditionModel.from_config(
+        {**dict(model.unet.config), "in_channels": 4, "out_channels": 4}
+    ).cuda()
+    reference_unet.train()
+    if args.gradient_checkpointing:
+        reference_unet.enable_gradient_checkpointing()
+    reference_optimizer = torch.optim.AdamW(reference_unet.parameters(), lr=1e-5)
+    ids = model.tokenizer(
+        batch["caption"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids.cuda()
+    scheduler = model.noise_scheduler
+
+    def reference_step() -> None:
+        with torch.no_grad():
+            latents = model.vae.encode(batch["image"].to(torch.bfloat16)).latent_dist.sample()
+            latents = latents.float() * model.vae.config.scaling_factor
+            text = model.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (b,), device="cuda")
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = reference_unet(noisy, t, text).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+
     model.train()
-    for _ in range(3):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    result = {
-        "gpu": name,
-        "batch_size": b,
-        "resolution": r,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "seconds_per_step": round(seconds, 4),
-        "images_per_second": round(b / seconds, 2),
-        "tflop_per_step": round(flops / 1e12, 2),
-        "mfu": round(flops / seconds / (peak * 1e12), 3) if peak else None,
-        "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-    }
-    print(json.dumps(result))
+    for label, step in (("handdiff", handdiff_step), ("diffusers_example", reference_step)):
+        for _ in range(3):
+            step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.steps
+        result = {
+            "step": label,
+            "gpu": name,
+            "batch_size": b,
+            "resolution": r,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "seconds_per_step": round(seconds, 4),
+            "images_per_second": round(b / seconds, 2),
+            "tflop_per_step": round(flops / 1e12, 2),
+            "mfu": round(flops / seconds / (peak * 1e12), 3) if peak else None,
+            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        }
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

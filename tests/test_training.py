@@ -215,3 +215,28 @@ def test_skipped_samples_reach_tensorboard(tmp_path, monkeypatch):
     events.Reload()
     assert events.Scalars("data/skipped_total")[-1].value == 3
     assert events.Scalars("data/skipped_bad_image")[-1].value == 3
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_fit_on_cuda(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    metrics = main(
+        [
+            "fit",
+            *_args(
+                synthetic_dir,
+                "trainer.accelerator=gpu",
+                "trainer.precision=bf16-mixed",
+                "model.params.compile=true",
+                "trainer.max_steps=10",
+            ),
+        ]
+    )
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    ckpt = torch.load(
+        tmp_path / "logs/hand/tiny/version_0/checkpoints/last.ckpt", weights_only=False
+    )
+    assert ckpt["global_step"] == 10
+    # compiling in place keeps the plain parameter names in checkpoints
+    assert "unet.conv_in.weight" in ckpt["state_dict"]
+    assert ckpt["state_dict"]["unet.conv_in.weight"].dtype == torch.float32
