@@ -153,7 +153,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Captions -> CLIP hidden states ``[B, 77, D]``."""
+        """Captions -> CLIP hidden states ``[B, 77, D]`` (fp32, like the latents: the frozen
+        encoder may run in bf16, and a bf16 key beside an fp32 query breaks attention outside
+        autocast)."""
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -161,7 +163,7 @@ class LatentDiffusionModule(L.LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(ids)[0].float()
 
     def drop_captions(self, captions: list[str]) -> list[str]:
         """Replace each caption by "" with probability ``caption_dropout`` (CFG training)."""

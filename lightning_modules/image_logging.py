@@ -61,7 +61,8 @@ class ImageGridLogger(L.Callback):
         }
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
+        # Sample under the run's precision (autocast for *-mixed), as training does.
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
             columns = pl_module.log_images(on_device, torch.Generator().manual_seed(self.seed))
         pl_module.train(was_training)
         writer = trainer.logger.experiment
