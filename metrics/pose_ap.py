@@ -54,7 +54,7 @@ class _CosineSimilarityEval(COCOeval):
         super().__init__(gt, dt, "keypoints")
         self.sigmas = sigmas
 
-    def computeOks(self, imgId, catId):  # noqa: N802 (COCOeval's name)
+    def computeOks(self, imgId, catId):
         gts = self._gts[imgId, catId]
         dts = self._dts[imgId, catId]
         order = np.argsort([-d["score"] for d in dts], kind="mergesort")
@@ -164,8 +164,14 @@ class PoseAP(Metric):
             raise ValueError(f"kind={kind!r}: choose one of {sorted(SIGMAS)}")
         self.kind = kind
         self.sigmas = SIGMAS[kind]
-        for name in ("pred_keypoints", "pred_scores", "pred_image", "target_keypoints",
-                     "target_image", "image_ids"):
+        for name in (
+            "pred_keypoints",
+            "pred_scores",
+            "pred_image",
+            "target_keypoints",
+            "target_image",
+            "image_ids",
+        ):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self._seen = 0
 
@@ -185,8 +191,9 @@ class PoseAP(Metric):
             kp = torch.as_tensor(pred["keypoints"], dtype=torch.float64, device=self.device)
             kp = kp.reshape(-1, k, 3)
             pk.append(kp)
-            ps.append(torch.as_tensor(pred["scores"], dtype=torch.float64,
-                                      device=self.device).reshape(-1))
+            ps.append(
+                torch.as_tensor(pred["scores"], dtype=torch.float64, device=self.device).reshape(-1)
+            )
             pi.append(image_id.repeat(len(kp)))
             t = torch.as_tensor(tgt["keypoints"], dtype=torch.float64, device=self.device)
             t = t.reshape(-1, k, 3)
@@ -203,15 +210,20 @@ class PoseAP(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         numpy = {
             name: dim_zero_cat(getattr(self, name)).cpu().numpy()
-            for name in ("pred_keypoints", "pred_scores", "pred_image", "target_keypoints",
-                         "target_image", "image_ids")
+            for name in (
+                "pred_keypoints",
+                "pred_scores",
+                "pred_image",
+                "target_keypoints",
+                "target_image",
+                "image_ids",
+            )
         }
         image_ids = np.unique(numpy["image_ids"])
         if len(image_ids) != len(numpy["image_ids"]):
             raise ValueError("PoseAP: image_ids repeat; give ids unique across all updates")
         gt = coco_ground_truth(image_ids, numpy["target_image"], numpy["target_keypoints"])
-        dt = coco_detections(gt, numpy["pred_image"], numpy["pred_keypoints"],
-                             numpy["pred_scores"])
+        dt = coco_detections(gt, numpy["pred_image"], numpy["pred_keypoints"], numpy["pred_scores"])
         oks = COCOeval(gt, dt, "keypoints")
         oks.params.kpt_oks_sigmas = self.sigmas
         results = {}

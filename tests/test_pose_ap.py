@@ -45,8 +45,12 @@ def random_scene(rng: np.random.Generator, n_images: int, k: int):
             det[:, 2] = rng.uniform(0, 1, k)
             dets.append(det)
             scores.append(rng.uniform(0, 1))
-        preds.append({"keypoints": torch.tensor(np.array(dets).reshape(-1, k, 3)),
-                      "scores": torch.tensor(scores)})
+        preds.append(
+            {
+                "keypoints": torch.tensor(np.array(dets).reshape(-1, k, 3)),
+                "scores": torch.tensor(scores),
+            }
+        )
         targets.append({"keypoints": torch.tensor(np.array(people).reshape(-1, k, 3))})
     return preds, targets
 
@@ -62,16 +66,34 @@ def xtcocotools_stats(preds, targets, sigmas) -> np.ndarray:
                 continue
             x0, y0 = kp[vis, :2].min(0)
             x1, y1 = kp[vis, :2].max(0)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                         "keypoints": kp.reshape(-1).tolist(), "num_keypoints": int(vis.sum()),
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "keypoints": kp.reshape(-1).tolist(),
+                    "num_keypoints": int(vis.sum()),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                }
+            )
         for kp, s in zip(p["keypoints"].numpy(), p["scores"].numpy(), strict=True):
-            dets.append({"image_id": i, "category_id": 1, "keypoints": kp.reshape(-1).tolist(),
-                         "score": float(s)})
+            dets.append(
+                {
+                    "image_id": i,
+                    "category_id": 1,
+                    "keypoints": kp.reshape(-1).tolist(),
+                    "score": float(s),
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         gt = XCOCO()
-        gt.dataset = {"images": images, "annotations": anns,
-                      "categories": [{"id": 1, "name": "person"}]}
+        gt.dataset = {
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": 1, "name": "person"}],
+        }
         gt.createIndex()
         dt = gt.loadRes(dets)
         evaluator = XCOCOeval(gt, dt, "keypoints", sigmas=sigmas, use_area=True)
@@ -90,7 +112,7 @@ def test_ap_equals_xtcocotools_cocoeval(kind, seed):
     metric = PoseAP(kind=kind)
     # several updates, as an evaluation loop would call it
     for start in range(0, 30, 7):
-        metric.update(preds[start:start + 7], targets[start:start + 7])
+        metric.update(preds[start : start + 7], targets[start : start + 7])
     result = metric.compute()
     reference = xtcocotools_stats(preds, targets, SIGMAS[kind])
     ours = [result[n].item() for n in ("ap", "ap50", "ap75", "ap_m", "ap_l")]
@@ -106,9 +128,11 @@ def test_pce_counts_people_per_image():
     two = torch.cat([person, person + torch.tensor([50.0, 50.0, 0.0])])
     metric = PoseAP()
     metric.update(
-        [{"keypoints": two, "scores": torch.ones(2)},          # 1 given, 2 detected -> 1
-         {"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)},  # 2 given, 0 -> 2
-         {"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)}],  # empty, empty -> 0
+        [
+            {"keypoints": two, "scores": torch.ones(2)},  # 1 given, 2 detected -> 1
+            {"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)},  # 2 given, 0 -> 2
+            {"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)},
+        ],  # empty, empty -> 0
         [{"keypoints": person}, {"keypoints": two}, {"keypoints": torch.zeros(0, k, 3)}],
     )
     assert metric.compute()["pce"].item() == pytest.approx(1.0)
@@ -119,8 +143,9 @@ def test_no_detections_give_zero_ap():
     person = torch.rand(1, k, 3) * 100
     person[..., 2] = 2
     metric = PoseAP()
-    metric.update([{"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)}],
-                  [{"keypoints": person}])
+    metric.update(
+        [{"keypoints": torch.zeros(0, k, 3), "scores": torch.zeros(0)}], [{"keypoints": person}]
+    )
     result = metric.compute()
     assert result["ap"].item() == 0 and result["cap"].item() == 0 and result["pce"] == 1
 
@@ -129,10 +154,12 @@ def _direct_cosine(det, gt, sigmas):
     """The intended formula written out independently: per-axis min-max + L2 normalisation of
     sigma-scaled coordinates over labelled keypoints, cosine of the stacked vectors."""
     m = gt[:, 2] > 0
+
     def prep(a):
         a = a[m] / sigmas[m]
         a = (a - a.min()) / (a.max() - a.min())
         return a / np.sqrt((a**2).sum())
+
     g = np.concatenate([prep(gt[:, 0]), prep(gt[:, 1])])
     d = np.concatenate([prep(det[:, 0]), prep(det[:, 1])])
     return float(g @ d / (np.linalg.norm(g) * np.linalg.norm(d)))
@@ -187,8 +214,10 @@ def test_cap_rewards_shape_over_position():
     shifted = gt.copy()
     shifted[0, :, :2] = gt[0, :, :2] * 0.5  # same shape, half size, elsewhere: OKS fails
     metric = PoseAP()
-    metric.update([{"keypoints": torch.tensor(shifted), "scores": torch.ones(1)}],
-                  [{"keypoints": torch.tensor(gt)}])
+    metric.update(
+        [{"keypoints": torch.tensor(shifted), "scores": torch.ones(1)}],
+        [{"keypoints": torch.tensor(gt)}],
+    )
     result = metric.compute()
     assert result["ap"].item() == 0
     assert result["cap"].item() == pytest.approx(1.0)  # CAP compares shape only

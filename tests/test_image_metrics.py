@@ -1,0 +1,142 @@
+"""FID, KID and CLIPSim against direct formulas (scipy / numpy), with small feature models."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import scipy.linalg
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+from metrics.clip_sim import CLIPSim
+from metrics.fid_kid import FID, KID, InceptionFeatures, find_inception_weights
+
+
+class PoolFeatures(torch.nn.Module):
+    """A fixed small feature map: 4x4 average pooling of the image, [N, 48]."""
+
+    num_features = 48
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+
+
+def _images(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 16, 16, generator=g) * 0.8 + shift).clamp(0, 1)
+
+
+def _fid_reference(real: np.ndarray, fake: np.ndarray) -> float:
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_matches_scipy_sqrtm_formula():
+    real, fake = _images(200, 0), _images(150, 1, shift=0.1)
+    metric = FID(feature_extractor=PoolFeatures())
+    for chunk in real.split(64):
+        metric.update(chunk, real=True)
+    for chunk in fake.split(64):
+        metric.update(chunk, real=False)
+    features = PoolFeatures()
+    reference = _fid_reference(features(real).double().numpy(), features(fake).double().numpy())
+    assert metric.compute().item() == pytest.approx(reference, rel=1e-12)
+    assert reference > 0.01
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    images = _images(120, 3)
+    metric = FID(feature_extractor=PoolFeatures())
+    metric.update(images, real=True)
+    metric.update(images, real=False)
+    assert abs(metric.compute().item()) < 1e-9
+
+
+def _kid_reference(real: np.ndarray, fake: np.ndarray) -> float:
+    d = real.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    m = len(real)
+    kxx, kyy, kxy = k(real, real), k(fake, fake), k(real, fake)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
+
+
+def test_kid_matches_the_unbiased_mmd_formula():
+    real, fake = _images(60, 4), _images(60, 5, shift=0.1)
+    metric = KID(feature_extractor=PoolFeatures(), subsets=1, subset_size=60)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    mean, std = metric.compute()
+    features = PoolFeatures()
+    reference = _kid_reference(features(real).double().numpy(), features(fake).double().numpy())
+    assert mean.item() == pytest.approx(reference, rel=1e-12)
+    assert std.item() == 0
+
+
+def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("HANDDIFF_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05.*checkpoints"):
+        FID()
+
+
+def test_default_inception_path_loads_a_weights_file(tmp_path, monkeypatch):
+    # Random weights of the right architecture exercise the default code path end to end;
+    # the real file is torch-fidelity's, which users bring.
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", lambda *args, **kwargs: {})
+        m.setattr(NoTrainInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        random_net = NoTrainInceptionV3("inception-v3-compat", ["2048"], "unused")
+    path = tmp_path / "inception.pth"
+    torch.save(random_net.state_dict(), path)
+    monkeypatch.setenv("HANDDIFF_INCEPTION_WEIGHTS", str(path))
+    assert find_inception_weights() == path
+    features = InceptionFeatures()
+    torch.testing.assert_close(features.net.state_dict(), random_net.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    out = features(images)
+    assert out.shape == (2, 2048)
+    # same preprocessing for every image: uint8 quantisation, then the network
+    torch.testing.assert_close(out, random_net((images * 255).to(torch.uint8)))
+    metric = FID()
+    metric.update(images, real=True)
+    metric.update(images.flip(-1), real=False)
+    assert torch.isfinite(metric.compute())
+
+
+def tiny_clip() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+
+
+def test_clipsim_matches_the_direct_formula():
+    model = tiny_clip().eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    metric = CLIPSim(model=model, tokenizer=tokenizer)
+    images = _images(6, 7)
+    captions = [f"a person showing {i} fingers" for i in range(6)]
+    metric.update(images[:4], captions[:4])
+    metric.update(images[4:], captions[4:])
+    # direct: open_clip-style preprocessing, normalised embeddings, 100 * max(cos, 0), mean
+    pixels = torch.nn.functional.interpolate(images, size=32, mode="bicubic", antialias=True)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = model.encode_image((pixels.clamp(0, 1) - mean) / std)
+        txt = model.encode_text(tokenizer(captions))
+    cos = (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)
+    expected = (100 * cos.clamp(min=0)).mean()
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-5)
