@@ -82,7 +82,7 @@ def test_kid_matches_the_unbiased_mmd_formula():
 def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.delenv("HANDDIFF_INCEPTION_WEIGHTS", raising=False)
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05.*checkpoints"):
+    with pytest.raises(FileNotFoundError, match=r"pt_inception-2015-12-05.*checkpoints"):
         FID()
 
 

@@ -171,10 +171,10 @@ def test_weighted_cosine_similarity_hand_checked_cases():
     # scaling is invariant; a shift is not, because coordinates are divided by the sigmas
     # before the min-max normalisation (as in HumanSD's code)
     assert weighted_cosine_similarity(gt * [3, 3, 1], gt, sigmas) == pytest.approx(1)
-    shifted = weighted_cosine_similarity(gt + [7, -2, 0], gt, sigmas)
+    shifted = weighted_cosine_similarity(gt + np.array([7, -2, 0]), gt, sigmas)
     assert shifted < 1 - 1e-3
     uniform = np.full(4, 0.1)
-    assert weighted_cosine_similarity(gt + [7, -2, 0], gt, uniform) == pytest.approx(1)
+    assert weighted_cosine_similarity(gt + np.array([7, -2, 0]), gt, uniform) == pytest.approx(1)
     # x mirrored, y kept (uniform sigmas): per-axis cosines 0 and 1 -> 0.5
     mirrored = gt.copy()
     mirrored[:, 0] = 10 - gt[:, 0]
