@@ -1,0 +1,89 @@
+"""Hand pose accuracy of generated hands against the hand poses they were conditioned on."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torchmetrics import Metric
+
+from metrics.keypoint_sigmas import HAND_SIGMAS
+from metrics.pose_ap import PoseAP
+
+PCK_ALPHAS = (0.1, 0.2)
+
+
+def match_hands(detected: np.ndarray, given: np.ndarray) -> list[tuple[int, int]]:
+    """One-to-one matching of detected ``[N, 21, 3]`` to given ``[M, 21, 3]`` hands that
+    minimises the total mean distance over each given hand's labelled keypoints (Hungarian)."""
+    if len(detected) == 0 or len(given) == 0:
+        return []
+    cost = np.zeros((len(given), len(detected)))
+    for g, hand in enumerate(given):
+        labelled = hand[:, 2] > 0
+        d = np.linalg.norm(detected[:, labelled, :2] - hand[None, labelled, :2], axis=-1)
+        cost[g] = d.mean(-1) if labelled.any() else 0.0
+    rows, cols = linear_sum_assignment(cost)
+    return list(zip(cols.tolist(), rows.tolist(), strict=True))
+
+
+class HandPoseAccuracy(Metric):
+    """How well a hand detector recovers the conditioning hand poses from generated images.
+
+    ``update(preds, target)`` with the :class:`~metrics.pose_ap.PoseAP` format for 21-point
+    hands (``preds[i]["keypoints"]`` ``[N, 21, 3]`` detected, ``target[i]["keypoints"]``
+    ``[M, 21, 3]`` given). ``compute()`` returns:
+
+    - ``hand_ap``, ``hand_ap50``, ``hand_ap75``: keypoint AP with COCO-WholeBody hand sigmas;
+    - ``pck@0.1``, ``pck@0.2``: fraction of labelled given keypoints whose matched detection
+      lies within ``alpha * max(w, h)`` of them, (w, h) the given hand's keypoint bounding
+      box; a hand with no matched detection counts all its keypoints as misses;
+    - ``detection_rate``: fraction of given hands matched to a detection (one-to-one,
+      minimal mean keypoint distance).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ap = PoseAP(kind="hand", **kwargs)
+        for alpha in PCK_ALPHAS:
+            self.add_state(
+                f"correct_{alpha}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
+            )
+        self.add_state("keypoints", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("matched", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("hands", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: list[dict], target: list[dict], image_ids=None) -> None:
+        self.ap.update(preds, target, image_ids)
+        k = len(HAND_SIGMAS)
+        for pred, tgt in zip(preds, target, strict=True):
+            detected = torch.as_tensor(pred["keypoints"]).double().reshape(-1, k, 3).cpu().numpy()
+            given = torch.as_tensor(tgt["keypoints"]).double().reshape(-1, k, 3).cpu().numpy()
+            given = given[(given[:, :, 2] > 0).any(-1)]
+            self.hands += len(given)
+            self.keypoints += int((given[:, :, 2] > 0).sum())
+            for d, g in match_hands(detected, given):
+                self.matched += 1
+                labelled = given[g, :, 2] > 0
+                points = given[g, labelled, :2]
+                size = (points.max(0) - points.min(0)).max()
+                error = np.linalg.norm(detected[d, labelled, :2] - points, axis=-1)
+                for alpha in PCK_ALPHAS:
+                    name = f"correct_{alpha}"
+                    setattr(self, name, getattr(self, name) + int((error <= alpha * size).sum()))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        ap = self.ap.compute()
+        out = {f"hand_{k}": ap[k] for k in ("ap", "ap50", "ap75")}
+        for alpha in PCK_ALPHAS:
+            out[f"pck@{alpha}"] = getattr(self, f"correct_{alpha}") / self.keypoints.clamp(min=1)
+        out["detection_rate"] = self.matched / self.hands.clamp(min=1)
+        return {k: v.double() for k, v in out.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.ap.reset()
