@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= experiments/hand/tiny.yaml
+CONFIG_EVAL ?= experiments/eval/metrics_tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install test test-full train-hand synthetic tensorboard lint export clean
+.PHONY: help install test test-full train-hand eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -53,3 +54,6 @@ lint: install ## ruff check + format check
 
 clean: ## remove logs, synthetic data and caches (keeps .venv)
 	rm -rf logs data .pytest_cache .ruff_cache
+
+eval-metrics: $(SYNTHETIC)/.done ## score generated vs real images (CONFIG_EVAL=..., ARGS="key=value ...")
+	$(PY) -m experiments.run eval $(CONFIG_EVAL) $(ARGS)

@@ -3,6 +3,7 @@
     python -m experiments.run fit experiments/hand/tiny.yaml [more.yaml ...] [key=value ...]
     python -m experiments.run validate CONFIG [key=value ...]
     python -m experiments.run export CONFIG ckpt_path=last export_dir=exports/hand
+    python -m experiments.run eval experiments/eval/metrics_tiny.yaml [key=value ...]
     python -m experiments.run print CONFIG [key=value ...]
 
 Arguments ending in ``.yaml`` are config files merged in order (e.g. a ``experiments/debug/``
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("fit", "validate", "export", "print"))
+    parser.add_argument("command", choices=("fit", "validate", "eval", "export", "print"))
     parser.add_argument("args", nargs="+", help="config files (*.yaml) and key=value overrides")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     if ns.command == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    elif ns.command == "eval":
+        trainer.test(model, datamodule=datamodule)
     else:
         trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities import dim_zero_cat
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -116,7 +117,12 @@ class KID(KernelInceptionDistance):
     """Kernel Inception distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic
     polynomial kernel ``(x.y / d + 1)^3``, averaged over ``subsets`` random subsets of
     ``subset_size``; ``compute()`` returns ``(mean, std)``. Keeps the features (the metric
-    needs them all), gathered across DDP ranks."""
+    needs them all), gathered across DDP ranks.
+
+    The subsets are drawn with a generator seeded by ``seed`` from the features in a canonical
+    order (not the order ranks delivered them), so the score does not depend on the number of
+    processes or on the global RNG.
+    """
 
     def __init__(
         self,
@@ -125,6 +131,7 @@ class KID(KernelInceptionDistance):
         subset_size: int = 1000,
         feature_extractor_weights_path: str | None = None,
         antialias: bool = True,
+        seed: int = 0,
         **kwargs,
     ):
         super().__init__(
@@ -135,3 +142,16 @@ class KID(KernelInceptionDistance):
             **kwargs,
         )
         self.antialias = antialias
+        self.seed = seed
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for name in ("real_features", "fake_features"):
+            features = dim_zero_cat(getattr(self, name)).double()
+            # a fixed projection gives every feature vector a sort key independent of order
+            key = features @ torch.linspace(
+                1.0, 2.0, features.shape[1], dtype=torch.float64, device=features.device
+            )
+            setattr(self, name, [features[torch.argsort(key)]])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return super().compute()

@@ -7,10 +7,10 @@ import open_clip
 import pytest
 import scipy.linalg
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from metrics.clip_sim import CLIPSim
 from metrics.fid_kid import FID, KID, InceptionFeatures, find_inception_weights
+from metrics.random_nets import tiny_clip
 
 
 class PoolFeatures(torch.nn.Module):
@@ -113,17 +113,8 @@ def test_default_inception_path_loads_a_weights_file(tmp_path, monkeypatch):
     assert torch.isfinite(metric.compute())
 
 
-def tiny_clip() -> CLIP:
-    torch.manual_seed(0)
-    return CLIP(
-        embed_dim=16,
-        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-    )
-
-
 def test_clipsim_matches_the_direct_formula():
-    model = tiny_clip().eval()
+    model = tiny_clip()
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     metric = CLIPSim(model=model, tokenizer=tokenizer)
     images = _images(6, 7)

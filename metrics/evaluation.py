@@ -1,0 +1,160 @@
+"""The evaluation LightningModule: every metric over generated vs real images, under DDP.
+
+``trainer.test(Evaluator(...), datamodule=EvaluationDataModule(...))``: each rank runs the pose
+estimators, CLIP and the FID/KID feature network on its share of the images and only updates
+metric states; at the end every rank computes the metrics from the synced states, and rank 0
+writes ``results.json`` and ``results.md`` to ``results_dir``. TensorBoard gets the scalars.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import open_clip
+import torch
+import torchmetrics
+
+from experiments.config import instantiate
+from metrics.clip_sim import CLIPSim
+from metrics.fid_kid import FID, KID
+from metrics.hand_pose import HandPoseAccuracy
+from metrics.pose_ap import PoseAP
+
+# (key, higher is better, scale for the table): the table shows AP-like values x 100 and
+# KID x 10, as HumanSD's Table 1 does.
+COLUMNS = (
+    ("fid", False, 1), ("kid_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
+    ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("hand_ap", True, 100),
+    ("pck@0.2", True, 100), ("detection_rate", True, 100),
+)  # fmt: skip
+
+MEDIAPIPE_BODY = {"target": "metrics.pose_estimators.MediaPipeBody", "params": {}}
+MEDIAPIPE_HANDS = {"target": "metrics.pose_estimators.MediaPipeHands", "params": {}}
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """Methods x metrics, the direction of each metric in the header."""
+    present = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    header = ["method"] + [
+        f"{key}{' x' + str(scale) if scale != 1 else ''} {'↑' if up else '↓'}"
+        for key, up, scale in present
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, values in rows.items():
+        # COCOeval's -1 means "no ground truth in this area range": not a score
+        cells = [
+            f"{values[k] * s:.2f}" if k in values and not (s == 100 and values[k] < 0) else "–"
+            for k, _, s in present
+        ]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class Evaluator(L.LightningModule):
+    """FID, KID, CLIPSIM, body pose AP/CAP/PCE and hand pose accuracy of one method.
+
+    Test dataloader 0 yields generated images with their conditions, dataloader 1 real images
+    (see ``datamodules.evaluation_datamodule``). Estimators and feature networks are
+    ``target``/``params`` configs; ``feature_extractor: null`` means the standard Inception
+    (weights from ``inception_weights`` or torch's cache), ``clip_model: null`` OpenAI CLIP
+    ``clip_model_name``/``clip_pretrained`` through open_clip. Set an estimator to null to skip
+    its metrics.
+    """
+
+    def __init__(
+        self,
+        results_dir: str = "results/eval",
+        method: str = "generated",
+        body_estimator: dict | None = MEDIAPIPE_BODY,
+        hand_estimator: dict | None = MEDIAPIPE_HANDS,
+        feature_extractor: dict | None = None,
+        inception_weights: str | None = None,
+        antialias: bool = True,
+        clip_model: dict | None = None,
+        clip_model_name: str = "ViT-B-16",
+        clip_pretrained: str = "openai",
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        extractor = instantiate(feature_extractor) if feature_extractor else None
+        self.fid = FID(extractor, inception_weights, antialias)
+        self.kid = KID(
+            extractor, kid_subsets, kid_subset_size, inception_weights, antialias, seed=seed
+        )
+        if clip_model:
+            self.clip = CLIPSim(instantiate(clip_model), open_clip.get_tokenizer(clip_model_name))
+        else:
+            self.clip = CLIPSim(model_name=clip_model_name, pretrained=clip_pretrained)
+        self.body_estimator = instantiate(body_estimator) if body_estimator else None
+        self.hand_estimator = instantiate(hand_estimator) if hand_estimator else None
+        self.pose = PoseAP(kind="body")
+        self.hands = HandPoseAccuracy()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images = batch["image"]
+        if dataloader_idx == 1:
+            self.fid.update(images, real=True)
+            self.kid.update(images, real=True)
+            return
+        self.fid.update(images, real=False)
+        self.kid.update(images, real=False)
+        self.clip.update(images, batch["caption"])
+        if self.body_estimator is not None:
+            preds = self.body_estimator.estimate(images)
+            self.pose.update(preds, [{"keypoints": b} for b in batch["body"]], batch["id"])
+        if self.hand_estimator is not None:
+            preds = self.hand_estimator.estimate(images)
+            self.hands.update(preds, [{"keypoints": h} for h in batch["hands"]], batch["id"])
+
+    def compute_results(self) -> dict[str, float]:
+        """Every metric from the synced states (call on every rank: it all-gathers)."""
+        n_real = int(self.fid.real_features_num_samples)
+        n_fake = int(self.fid.fake_features_num_samples)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = torch.tensor([n_real, n_fake], device=self.device)
+            torch.distributed.all_reduce(counts)
+            n_real, n_fake = counts.tolist()
+        self.kid.subset_size = min(self.hparams.kid_subset_size, n_real, n_fake)
+        results = {"fid": self.fid.compute()}
+        results["kid_mean"], results["kid_std"] = self.kid.compute()
+        results["clipsim"] = self.clip.compute()
+        if self.body_estimator is not None:
+            results.update(self.pose.compute())
+        if self.hand_estimator is not None:
+            results.update(self.hands.compute())
+        out = {k: float(v) for k, v in results.items()}
+        out.update(n_generated=n_fake, n_real=n_real, kid_subset_size=self.kid.subset_size)
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        results = self.compute_results()
+        self.log_dict({f"eval/{k}": v for k, v in results.items()}, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            self.write_results(results)
+
+    def settings(self) -> dict:
+        extractor = self.fid.inception.extractor
+        return {
+            "feature_extractor": type(extractor).__qualname__,
+            "feature_dim": int(getattr(extractor, "num_features", -1)),
+            "antialias": self.hparams.antialias,
+            "clip": self.hparams.clip_model
+            or f"{self.hparams.clip_model_name}/{self.hparams.clip_pretrained}",
+            "body_estimator": (self.hparams.body_estimator or {}).get("target"),
+            "hand_estimator": (self.hparams.hand_estimator or {}).get("target"),
+            "world_size": self.trainer.world_size,
+            "torchmetrics": torchmetrics.__version__,
+        }
+
+    def write_results(self, results: dict[str, float]) -> Path:
+        out = Path(self.hparams.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"method": self.hparams.method, "results": results, "settings": self.settings()}
+        (out / "results.json").write_text(json.dumps(record, indent=2))
+        (out / "results.md").write_text(markdown_table({self.hparams.method: results}))
+        return out
