@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.cfg
 install: $(STAMP) ## create .venv with the pinned environment (idempotent, fast when done)
 
 $(SYNTHETIC)/.done: $(STAMP) datamodules/synthetic.py
-	$(PY) -m datamodules.synthetic --out $(SYNTHETIC) --n 256 --val 32 --seed 0
+	$(PY) -m datamodules.synthetic --out $(SYNTHETIC) --n 256 --val 32 --per-shard 16 --seed 0
 	touch $@
 
 synthetic: $(SYNTHETIC)/.done ## build the built-in synthetic shards (data/synthetic)

@@ -24,6 +24,7 @@ from datamodules.schema import BODY_KEYPOINTS, HAND_KEYPOINTS, Person, Sample
 from datamodules.shards import (
     SkipCounter,
     check_shards,
+    check_split,
     expand_shards,
     sample_pipeline,
     validated_samples,
@@ -142,7 +143,9 @@ class EvaluationDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
 
-    def _shard_loader(self, urls: list[str]) -> DataLoader:
+    def _shard_loader(self, urls: list[str], what: str) -> DataLoader:
+        world = self.trainer.world_size if self.trainer else 1
+        check_split(urls, world, self.num_workers, what)
         pipeline = sample_pipeline(
             urls, _ShardRecords(self.resolution), seed=0, shuffle=False, resampled=False
         )
@@ -169,5 +172,5 @@ class EvaluationDataModule(L.LightningDataModule):
                 FolderRecords(self.generated_files, conditions, self.resolution)
             )
         else:
-            generated = self._shard_loader(self.generated_urls)
-        return [generated, self._shard_loader(self.real_urls)]
+            generated = self._shard_loader(self.generated_urls, "generated")
+        return [generated, self._shard_loader(self.real_urls, "real")]

@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
 from datamodules.schema import Sample
-from datamodules.shards import SkipCounter, check_shards, expand_shards, sample_pipeline
+from datamodules.shards import (
+    SkipCounter,
+    check_shards,
+    check_split,
+    expand_shards,
+    sample_pipeline,
+)
 
 
 class _HandExamples:
@@ -71,20 +77,11 @@ class HandDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
 
-    def _check_split(self, urls: list[str], what: str) -> None:
-        world = self.trainer.world_size if self.trainer else 1
-        needed = world * max(self.num_workers, 1)
-        if len(urls) < needed:
-            raise ValueError(
-                f"{what}: {len(urls)} shard(s) cannot be split over {world} rank(s) x "
-                f"{max(self.num_workers, 1)} worker(s); write at least {needed} shards "
-                f"or use resampled: true"
-            )
-
     def _loader(self, urls: list[str], train: bool) -> DataLoader:
         resampled = self.resampled and train
         if not resampled:
-            self._check_split(urls, "train_shards" if train else "val_shards")
+            world = self.trainer.world_size if self.trainer else 1
+            check_split(urls, world, self.num_workers, "train_shards" if train else "val_shards")
         per_worker = None
         if resampled:
             world = self.trainer.world_size if self.trainer else 1

@@ -57,6 +57,17 @@ def check_shards(urls: Iterable[str]) -> None:
             raise ShardError(f"shard {url!r} is not a tar file")
 
 
+def check_split(urls: Sequence[str], world_size: int, num_workers: int, what: str) -> None:
+    """Exactly-once reading splits shards over ranks, then workers: each needs one."""
+    needed = world_size * max(num_workers, 1)
+    if len(urls) < needed:
+        raise ValueError(
+            f"{what}: {len(urls)} shard(s) cannot be split over {world_size} rank(s) x "
+            f"{max(num_workers, 1)} worker(s); write at least {needed} shards "
+            f"(or, for training data, use resampled: true)"
+        )
+
+
 def _raise_shard_error(exn: Exception) -> bool:
     # webdataset appends the failing URL to the exception's args.
     raise ShardError(f"cannot read shard: {exn}") from exn
