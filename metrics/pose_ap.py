@@ -17,6 +17,14 @@ from torchmetrics.utilities import dim_zero_cat
 from metrics.keypoint_sigmas import SIGMAS
 
 STAT_NAMES = ("", "50", "75", "_m", "_l")  # COCOeval.stats[0..4]: AP, AP50, AP75, AP(m), AP(l)
+_STATES = (
+    "pred_keypoints",
+    "pred_scores",
+    "pred_image",
+    "target_keypoints",
+    "target_image",
+    "image_ids",
+)
 
 
 def weighted_cosine_similarity(det: np.ndarray, gt: np.ndarray, sigmas: np.ndarray) -> float:
@@ -164,14 +172,7 @@ class PoseAP(Metric):
             raise ValueError(f"kind={kind!r}: choose one of {sorted(SIGMAS)}")
         self.kind = kind
         self.sigmas = SIGMAS[kind]
-        for name in (
-            "pred_keypoints",
-            "pred_scores",
-            "pred_image",
-            "target_keypoints",
-            "target_image",
-            "image_ids",
-        ):
+        for name in _STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self._seen = 0
 
@@ -208,17 +209,7 @@ class PoseAP(Metric):
         self.image_ids.append(ids)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        numpy = {
-            name: dim_zero_cat(getattr(self, name)).cpu().numpy()
-            for name in (
-                "pred_keypoints",
-                "pred_scores",
-                "pred_image",
-                "target_keypoints",
-                "target_image",
-                "image_ids",
-            )
-        }
+        numpy = {name: dim_zero_cat(getattr(self, name)).cpu().numpy() for name in _STATES}
         image_ids = np.unique(numpy["image_ids"])
         if len(image_ids) != len(numpy["image_ids"]):
             raise ValueError("PoseAP: image_ids repeat; give ids unique across all updates")
