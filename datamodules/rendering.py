@@ -28,6 +28,21 @@ HAND_EDGE_COLORS = tuple(
 )
 HAND_JOINT_COLOR = (0, 0, 255)
 
+# OpenPose's 18-keypoint body layout, the one ControlNet's OpenPose models were trained on:
+# nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist, right hip/knee/ankle,
+# left hip/knee/ankle, right eye, left eye, right ear, left ear. COCO-17 has no neck: it is
+# the midpoint of the shoulders, labelled when both are.
+COCO_TO_OPENPOSE = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
+OPENPOSE_LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11),
+    (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)  # fmt: skip
+OPENPOSE_COLORS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)  # fmt: skip
+
 # cv2 draws on an integer grid; 4 fractional bits keep sub-pixel keypoint positions.
 _SHIFT = 4
 
@@ -97,3 +112,62 @@ def hull_mask(keypoints: np.ndarray, size: tuple[int, int], dilation: int = 0) -
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
         mask = cv2.dilate(mask, kernel)
     return mask
+
+
+def coco_to_openpose(body: np.ndarray) -> np.ndarray:
+    """COCO-17 ``[17, 3]`` -> OpenPose-18 ``[18, 3]`` (neck added between the shoulders)."""
+    out = np.zeros((18, 3))
+    for k, c in enumerate(COCO_TO_OPENPOSE):
+        if c is not None:
+            out[k] = body[c]
+    shoulders = body[[5, 6]]
+    if (shoulders[:, 2] > 0).all():
+        out[1] = [*shoulders[:, :2].mean(0), shoulders[:, 2].min()]
+    return out
+
+
+def draw_body_skeleton(
+    canvas: np.ndarray, body: np.ndarray, line_width: int = 4, joint_radius: int = 4
+) -> np.ndarray:
+    """Draw a COCO-17 body as an OpenPose-18 skeleton (limbs at 60 % intensity, as in
+    ControlNet's OpenPose renderer) onto ``canvas`` ``[H, W, 3]`` uint8 RGB, in place."""
+    points = coco_to_openpose(body)
+    labelled = points[:, 2] > 0
+    for (a, b), color in zip(OPENPOSE_LIMBS, OPENPOSE_COLORS, strict=False):
+        if labelled[a] and labelled[b]:
+            cv2.line(
+                canvas,
+                _fixed(*points[a, :2]),
+                _fixed(*points[b, :2]),
+                tuple(int(c * 0.6) for c in color),
+                thickness=line_width,
+                lineType=cv2.LINE_AA,
+                shift=_SHIFT,
+            )
+    for k in np.flatnonzero(labelled):
+        cv2.circle(
+            canvas,
+            _fixed(*points[k, :2]),
+            joint_radius << _SHIFT,
+            OPENPOSE_COLORS[k],
+            thickness=-1,
+            lineType=cv2.LINE_AA,
+            shift=_SHIFT,
+        )
+    return canvas
+
+
+def render_full_skeleton(
+    people, size: tuple[int, int], body_width: int = 4, hand_width: int = 2
+) -> np.ndarray:
+    """Bodies and hands of every person on black: ``[H, W, 3]`` uint8; ``size`` = (W, H).
+    Each ``people`` entry has ``body`` ``[17, 3]`` and ``left_hand``/``right_hand``
+    ``[21, 3]`` or None (``datamodules.schema.Person``)."""
+    width, height = size
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for person in people:
+        draw_body_skeleton(canvas, person.body, body_width, body_width)
+        for hand in (person.left_hand, person.right_hand):
+            if hand is not None:
+                draw_hand_skeleton(canvas, hand, hand_width, max(1, hand_width // 2))
+    return canvas

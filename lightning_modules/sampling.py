@@ -53,12 +53,14 @@ def denoise(
     generator: torch.Generator | None = None,
     eta: float = 0.0,
     progress: bool = False,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from noise ``latents`` ``[B, C, h, w]`` (unit variance).
 
     ``predict(x, t)`` returns the model output for ``x``; with guidance (``guidance_scale > 1``)
     ``x`` is ``[2B, C, h, w]``, the unconditional half first, and the output is combined as
-    ``u + s * (c - u)`` (Ho & Salimans 2022, eq. 6).
+    ``u + s * (c - u)`` (Ho & Salimans 2022, eq. 6). ``after_step(latents, i)``, if given,
+    may rewrite the latents after step ``i`` (latent blending).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
@@ -69,7 +71,8 @@ def denoise(
         step_kwargs["eta"] = eta
     if "generator" in params:
         step_kwargs["generator"] = generator
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    steps = tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)
+    for i, t in enumerate(steps):
         x = torch.cat([latents, latents]) if guided else latents
         x = scheduler.scale_model_input(x, t)
         output = predict(x, t)
@@ -77,4 +80,6 @@ def denoise(
             uncond, cond = output.chunk(2)
             output = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
+        if after_step is not None:
+            latents = after_step(latents, i)
     return latents
