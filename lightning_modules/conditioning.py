@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from lightning_modules.unet_surgery import widen_conv_in
@@ -72,10 +72,67 @@ class ConcatPoseConditioning(PoseConditioning):
         return unet(x, timesteps, encoder_hidden_states=text_embeddings).sample
 
 
-CONDITIONINGS: dict[str, type[PoseConditioning]] = {"concat": ConcatPoseConditioning}
+class ControlNetPoseConditioning(PoseConditioning):
+    """A ControlNet (Zhang et al. 2023) on the pose image in pixel space, initialised from the
+    UNet's encoder (``ControlNetModel.from_unet``) or loaded with ``from_pretrained``; its zero
+    convolutions make the UNet's prediction start out unchanged.
+
+    Each network reads the leading channels of the latent input it was built for: a ControlNet
+    widened to ``in_channels`` (e.g. 9: latent, inpainting mask, canvas latent) beside a
+    4-channel UNet sees the canvas while the UNet does not. A dropped pose is a black image.
+    """
+
+    def __init__(
+        self,
+        conditioning_scale: float = 1.0,
+        pretrained: str | None = None,
+        in_channels: int | None = None,
+    ):
+        super().__init__()
+        self.conditioning_scale = conditioning_scale
+        self.pretrained = pretrained
+        self.in_channels = in_channels
+        self.controlnet: ControlNetModel | None = None
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        if self.pretrained:
+            self.controlnet = ControlNetModel.from_pretrained(self.pretrained)
+        else:
+            self.controlnet = ControlNetModel.from_unet(unet)
+        if self.in_channels:
+            widen_conv_in(self.controlnet, self.in_channels)
+
+    def encode(self, pose_image, vae_encode):
+        return pose_image
+
+    def null(self, condition):
+        return torch.zeros_like(condition)
+
+    def predict(self, unet, noisy_latents, timesteps, text_embeddings, condition):
+        down, mid = self.controlnet(
+            noisy_latents[:, : self.controlnet.config.in_channels],
+            timesteps,
+            encoder_hidden_states=text_embeddings,
+            controlnet_cond=condition.to(noisy_latents.dtype),
+            conditioning_scale=self.conditioning_scale,
+            return_dict=False,
+        )
+        return unet(
+            noisy_latents[:, : unet.config.in_channels],
+            timesteps,
+            encoder_hidden_states=text_embeddings,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
 
 
-def build_conditioning(name: str) -> PoseConditioning:
+CONDITIONINGS: dict[str, type[PoseConditioning]] = {
+    "concat": ConcatPoseConditioning,
+    "controlnet": ControlNetPoseConditioning,
+}
+
+
+def build_conditioning(name: str, **kwargs) -> PoseConditioning:
     if name not in CONDITIONINGS:
         raise ValueError(f"conditioning={name!r}: choose one of {sorted(CONDITIONINGS)}")
-    return CONDITIONINGS[name]()
+    return CONDITIONINGS[name](**kwargs)

@@ -32,13 +32,14 @@ class HandGenerator(LatentDiffusionModule):
     The UNet's ``conv_out`` is widened from 4 to 5 channels: 4 for the diffusion output,
     1 for a hand-mask logit at latent resolution. Loss: ``L_LDM + mask_loss_weight * L_mask``
     (``mask_loss_weight = 0`` turns the multi-task head off). The pose enters through the
-    ``conditioning`` piece (``concat``: VAE-encoded skeleton concatenated to the latent).
+    ``conditioning`` piece (``concat``: VAE-encoded skeleton concatenated to the latent;
+    ``controlnet``: a ControlNet on the skeleton image, trained with the UNet).
     """
 
     def __init__(
         self,
         components: ComponentsConfig | dict,
-        conditioning: Literal["concat"] = "concat",
+        conditioning: Literal["concat", "controlnet"] = "concat",
         mask_loss_weight: float = 1.0,
         caption_dropout: float = 0.1,
         pose_dropout: float = 0.0,

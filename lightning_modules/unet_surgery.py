@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 
@@ -27,10 +27,11 @@ def _widened(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
     return new
 
 
-def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
+def widen_conv_in(unet: UNet2DConditionModel | ControlNetModel, in_channels: int):
     """Give ``conv_in`` ``in_channels`` inputs, the extra ones zero-initialised (in place).
 
-    A UNet already that wide (e.g. one exported by handdiff) is left as it is.
+    Works for a UNet or a ControlNet. One already that wide (e.g. a UNet exported by handdiff
+    or an SD-inpainting UNet) is left as it is.
     """
     current = unet.conv_in.in_channels
     if current == in_channels:

@@ -1,0 +1,107 @@
+"""The Lightning side of shard reading, shared by every training datamodule."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from datamodules.schema import Sample
+from datamodules.shards import (
+    SkipCounter,
+    check_shards,
+    check_split,
+    expand_shards,
+    sample_pipeline,
+)
+
+ExampleFn = Callable[[Sample, bool, random.Random], Iterator[dict]]
+
+
+class _Examples:
+    """Pipeline stage: validated samples -> examples, each carrying the skip counts."""
+
+    def __init__(self, make: ExampleFn, seed: int, augment: bool):
+        self.make = make
+        self.seed = seed
+        self.augment = augment
+
+    def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
+        info = get_worker_info()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = random.Random(f"{self.seed}/{rank}/{info.id if info else 0}")
+        for sample in samples:
+            for example in self.make(sample, self.augment, rng):
+                example["skipped"] = counter.take()
+                yield example
+
+
+class ShardDataModule(L.LightningDataModule, ABC):
+    """Training and validation loaders over schema shards.
+
+    Subclasses define :meth:`example_fn`: a picklable ``fn(sample, augment, rng)`` yielding the
+    training examples of one validated sample (``augment`` is True for training data; it runs
+    in loader workers, so it must not hold the datamodule or trainer). Shard patterns are
+    expanded and checked at construction, so a bad path fails before training starts.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        resampled: bool = True,
+        epoch_size: int = 1000,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train_urls = expand_shards(train_shards)
+        self.val_urls = expand_shards(val_shards) if val_shards else None
+        check_shards(self.train_urls + (self.val_urls or []))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.resampled = resampled
+        self.epoch_size = epoch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+
+    @abstractmethod
+    def example_fn(self) -> ExampleFn:
+        """The function that turns one sample into examples."""
+
+    def _loader(self, urls: list[str], train: bool) -> DataLoader:
+        resampled = self.resampled and train
+        world = self.trainer.world_size if self.trainer else 1
+        per_worker = None
+        if resampled:
+            per_worker = max(1, self.epoch_size // (world * max(self.num_workers, 1)))
+        else:
+            check_split(urls, world, self.num_workers, "train_shards" if train else "val_shards")
+        pipeline = sample_pipeline(
+            urls,
+            _Examples(self.example_fn(), self.seed, augment=train),
+            seed=self.seed,
+            shuffle=train,
+            resampled=resampled,
+            shuffle_buffer=self.shuffle_buffer,
+            epoch_size=per_worker,
+        )
+        return DataLoader(
+            pipeline,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_urls, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_urls, train=False) if self.val_urls else []
