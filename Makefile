@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= experiments/hand/tiny.yaml
 CONFIG_EVAL ?= experiments/eval/metrics_tiny.yaml
+CONFIG_OUTPAINT ?= experiments/outpaint/tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install test test-full train-hand eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install test test-full train-hand train-outpaint eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -35,6 +36,9 @@ synthetic: $(SYNTHETIC)/.done ## build the built-in synthetic shards (data/synth
 
 train-hand: $(SYNTHETIC)/.done ## train the stage-1 hand generator (CONFIG=..., ARGS="key=value ...")
 	$(PY) -m experiments.run fit $(CONFIG) $(ARGS)
+
+train-outpaint: $(SYNTHETIC)/.done ## train the stage-2 ControlNet outpainter (CONFIG_OUTPAINT=..., ARGS=...)
+	$(PY) -m experiments.run fit $(CONFIG_OUTPAINT) $(ARGS)
 
 export: install ## export a trained UNet in diffusers format (CONFIG=..., ARGS="ckpt_path=... export_dir=...")
 	$(PY) -m experiments.run export $(CONFIG) $(ARGS)

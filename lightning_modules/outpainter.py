@@ -1,0 +1,176 @@
+"""Stage 2 of "Giving a Hand to Diffusion Models": a ControlNet on the full-body skeleton that
+outpaints the body around the hands pasted on a canvas, with latent blending at sampling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.blending import BlendConfig, LatentBlender, latent_mask
+from lightning_modules.components import ComponentsConfig
+from lightning_modules.conditioning import ControlNetPoseConditioning
+from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
+from lightning_modules.sampling import SamplerConfig, denoise
+from lightning_modules.unet_surgery import widen_conv_in
+
+LATENT_CHANNELS = 4
+INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1  # noisy latent, inpainting mask, canvas latent
+
+
+class Outpainter(LatentDiffusionModule):
+    """SD UNet + ControlNet on the full-body skeleton; the canvas (hands, grey elsewhere) and
+    the inpainting mask (1 where to paint, i.e. outside the hands) enter as SD-inpainting
+    input channels ``[z_t, mask, z_canvas]``.
+
+    ``canvas_input="inpainting_unet"`` (default): the UNet takes the 9 channels (an SD
+    inpainting UNet as is; a 4-channel UNet is widened with zero-initialised weights) and the
+    ControlNet, built from it, too. ``canvas_input="controlnet"``: the UNet stays a plain
+    4-channel UNet and only the ControlNet's input is widened to the 9 channels.
+
+    The ControlNet is trained; the UNet only with ``train_unet``. Loss: the standard denoising
+    loss. Sampling blends the canvas latent back in (:mod:`lightning_modules.blending`).
+    """
+
+    def __init__(
+        self,
+        components: ComponentsConfig | dict,
+        canvas_input: Literal["inpainting_unet", "controlnet"] = "inpainting_unet",
+        train_unet: bool = False,
+        controlnet: str | None = None,
+        conditioning_scale: float = 1.0,
+        blend: BlendConfig | dict | None = None,
+        caption_dropout: float = 0.1,
+        optimizer: OptimizerConfig | dict | None = None,
+        sampler: SamplerConfig | dict | None = None,
+        ema: EMAConfig | dict | None = None,
+        snr_gamma: float | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__(
+            components=components,
+            optimizer=optimizer,
+            sampler=sampler,
+            ema=ema,
+            caption_dropout=caption_dropout,
+            snr_gamma=snr_gamma,
+            gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
+        )
+        self.blend = blend if isinstance(blend, BlendConfig) else BlendConfig(**(blend or {}))
+        if canvas_input == "inpainting_unet":
+            widen_conv_in(self.unet, INPAINT_CHANNELS)
+        self.conditioning = ControlNetPoseConditioning(
+            conditioning_scale, pretrained=controlnet, in_channels=INPAINT_CHANNELS
+        )
+        self.conditioning.attach(self.unet)
+        if gradient_checkpointing:
+            self.conditioning.controlnet.enable_gradient_checkpointing()
+        if not train_unet:
+            self.unet.requires_grad_(False)
+            # a frozen UNet is rebuilt from the config like the VAE: keep it out of checkpoints
+            self.frozen_modules = (*self.frozen_modules, "unet")
+
+    def inpaint_inputs(self, canvas: torch.Tensor, hand_mask: torch.Tensor, size) -> tuple:
+        """Canvas ``[B, 3, H, W]`` in [-1, 1] and known-region mask ``[B, 1, H, W]`` -> the
+        inpainting channels: mask to paint ``[B, 1, h, w]`` and canvas latent ``[B, 4, h, w]``."""
+        paint = 1 - F.interpolate(hand_mask.float(), size=size, mode="area")
+        return paint, self.encode_images(canvas, sample=False)
+
+    def forward(self, noisy, timesteps, text, pose, paint, canvas_latents) -> torch.Tensor:
+        x = torch.cat([noisy, paint.to(noisy), canvas_latents.to(noisy)], dim=1)
+        return self.conditioning.predict(self.unet, x, timesteps, text, pose)
+
+    def losses(self, batch: dict, train: bool, generator: torch.Generator | None = None):
+        latents = self.encode_images(batch["image"], generator=generator)
+        paint, canvas_latents = self.inpaint_inputs(
+            batch["canvas"], batch["hand_mask"], latents.shape[-2:]
+        )
+        captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
+        text = self.encode_prompts(captions)
+        noise, timesteps, noisy = self.add_noise(latents, generator)
+        prediction = self(noisy, timesteps, text, batch["pose_image"], paint, canvas_latents)
+        return {"loss": self.denoising_loss(prediction, latents, noise, timesteps)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.losses(batch, train=True)["loss"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        generator = torch.Generator().manual_seed(batch_idx)
+        with self.ema_weights():
+            loss = self.losses(batch, train=False, generator=generator)["loss"]
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        pose_images: torch.Tensor,
+        canvases: torch.Tensor,
+        hand_masks: torch.Tensor,
+        prompts: list[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        scheduler: str | None = None,
+        blend: BlendConfig | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Outpaint bodies: skeletons ``[B, 3, H, W]`` in [0, 1], canvases ``[B, 3, H, W]`` in
+        [-1, 1], known-region masks ``[B, 1, H, W]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
+        cfg = self.sampler_config
+        steps = num_inference_steps or cfg.num_inference_steps
+        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        b, _, height, width = pose_images.shape
+        size = (height // self.vae_scale, width // self.vae_scale)
+        with self.ema_weights():
+            pose = pose_images.to(self.device)
+            paint, canvas_latents = self.inpaint_inputs(
+                canvases.to(self.device), hand_masks.to(self.device), size
+            )
+            text = self.encode_prompts(list(prompts))
+            if scale > 1.0:
+                text = torch.cat([self.encode_prompts([negative] * b), text])
+            twice = (lambda t: torch.cat([t, t])) if scale > 1.0 else (lambda t: t)
+            noise = torch.randn((b, LATENT_CHANNELS, *size), generator=generator).to(self.device)
+            sampling_scheduler = self.sampling_scheduler(scheduler)
+            blender = LatentBlender(
+                sampling_scheduler,
+                canvas_latents,
+                latent_mask(hand_masks.to(self.device), size),
+                blend or self.blend,
+                generator=generator,
+            )
+            latents = denoise(
+                sampling_scheduler,
+                lambda x, t: self(x, t, text, twice(pose), twice(paint), twice(canvas_latents)),
+                noise,
+                steps,
+                scale,
+                generator=generator,
+                eta=cfg.eta,
+                progress=progress,
+                after_step=blender,
+            )
+            return self.decode_latents(latents)
+
+    def log_images(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Grid columns: skeleton | canvas | sample | real."""
+        images = self.sample(
+            batch["pose_image"],
+            batch["canvas"],
+            batch["hand_mask"],
+            batch["caption"],
+            generator=generator,
+        )
+        return {
+            "skeleton": batch["pose_image"],
+            "canvas": (batch["canvas"] + 1) / 2,
+            "sample": images,
+            "real": (batch["image"] + 1) / 2,
+        }
