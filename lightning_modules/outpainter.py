@@ -69,7 +69,7 @@ class Outpainter(LatentDiffusionModule):
         if gradient_checkpointing:
             self.conditioning.controlnet.enable_gradient_checkpointing()
         if not train_unet:
-            self.unet.requires_grad_(False)
+            self.unet.requires_grad_(False).eval()
             # a frozen UNet is rebuilt from the config like the VAE: keep it out of checkpoints
             self.frozen_modules = (*self.frozen_modules, "unet")
 
