@@ -11,7 +11,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install test test-full train-hand train-outpaint eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install test test-full train-hand train-outpaint sample-two-stage eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ train-hand: $(SYNTHETIC)/.done ## train the stage-1 hand generator (CONFIG=..., 
 
 train-outpaint: $(SYNTHETIC)/.done ## train the stage-2 ControlNet outpainter (CONFIG_OUTPAINT=..., ARGS=...)
 	$(PY) -m experiments.run fit $(CONFIG_OUTPAINT) $(ARGS)
+
+sample-two-stage: $(SYNTHETIC)/.done ## two-stage sampling of the synthetic val poses (trains the tiny stages if missing)
+	ls logs/hand/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-hand
+	ls logs/outpaint/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-outpaint
+	$(PY) -m experiments.run predict experiments/two_stage/tiny.yaml $(ARGS)
 
 export: install ## export a trained UNet in diffusers format (CONFIG=..., ARGS="ckpt_path=... export_dir=...")
 	$(PY) -m experiments.run export $(CONFIG) $(ARGS)

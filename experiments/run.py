@@ -4,10 +4,11 @@
     python -m experiments.run validate CONFIG [key=value ...]
     python -m experiments.run export CONFIG ckpt_path=last export_dir=exports/hand
     python -m experiments.run eval experiments/eval/metrics_tiny.yaml [key=value ...]
+    python -m experiments.run predict experiments/two_stage/tiny.yaml [key=value ...]
     python -m experiments.run print CONFIG [key=value ...]
 
-Arguments ending in ``.yaml`` are config files merged in order (e.g. a ``experiments/debug/``
-overlay after the experiment); the others are OmegaConf dotlist overrides.
+Arguments with ``=`` are OmegaConf dotlist overrides; the others are config files, merged in
+order (e.g. an ``experiments/debug/`` overlay after the experiment).
 """
 
 from __future__ import annotations
@@ -89,17 +90,42 @@ def build(cfg, provenance: Provenance):
     return model, datamodule, trainer, ckpt_path
 
 
+def load_trained(model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
+    """Load a handdiff checkpoint (trained weights + EMA) into a freshly built module."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("loaded %s (step %s)", ckpt_path, checkpoint.get("global_step"))
+    return model
+
+
+def load_module(config_path: str, ckpt_path: str | None, overrides: list[str] = ()):
+    """The model of an experiment config, with ``ckpt_path`` (a file or ``last``: the newest
+    ``last.ckpt`` of the config's run name) loaded. Returns ``(model, config container)``."""
+    cfg, provenance = load_config([config_path], overrides)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    model = _build("model", container["model"], provenance)
+    if ckpt_path == "last":
+        last = find_last_checkpoint(container)
+        if last is None:
+            raise ConfigError(
+                f"no checkpoint of {container['name']!r} yet ({config_path}): train it first"
+            )
+        ckpt_path = str(last)
+    if ckpt_path:
+        load_trained(model, ckpt_path)
+    return model.eval(), container
+
+
 def export(cfg, model: L.LightningModule, ckpt_path: str | None) -> Path:
     """Load ``ckpt_path`` into ``model`` and write it in diffusers format to ``export_dir``."""
     if not ckpt_path:
         raise ConfigError("export needs ckpt_path=<file> (or 'last' with an existing last.ckpt)")
     if not cfg.get("export_dir"):
         raise ConfigError("export needs export_dir=<folder>")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
+    load_trained(model, ckpt_path)
     out = model.export_diffusers(cfg.export_dir)
-    log.info("exported %s (step %s) to %s", ckpt_path, checkpoint.get("global_step"), out)
+    log.info("exported %s to %s", ckpt_path, out)
     return out
 
 
@@ -109,12 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("fit", "validate", "eval", "export", "print"))
-    parser.add_argument("args", nargs="+", help="config files (*.yaml) and key=value overrides")
+    parser.add_argument(
+        "command", choices=("fit", "validate", "eval", "predict", "export", "print")
+    )
+    parser.add_argument("args", nargs="+", help="config files and key=value overrides")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    files = [a for a in ns.args if a.endswith((".yaml", ".yml"))]
-    overrides = [a for a in ns.args if not a.endswith((".yaml", ".yml"))]
+    overrides = [a for a in ns.args if "=" in a]
+    files = [a for a in ns.args if "=" not in a]
     if not files:
         parser.error("give at least one config file")
     try:
@@ -133,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     elif ns.command == "eval":
         trainer.test(model, datamodule=datamodule)
+    elif ns.command == "predict":
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
     else:
         trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -81,7 +82,12 @@ class LatentBlender:
         self.canvas = canvas_latents
         self.config = config
         self.mask = mask
-        self.noise = torch.randn(canvas_latents.shape, generator=generator).to(canvas_latents)
+        self.noise = randn_tensor(
+            canvas_latents.shape,
+            generator=generator,
+            device=canvas_latents.device,
+            dtype=canvas_latents.dtype,
+        )
         self.masks: list[torch.Tensor] | None = None
 
     def __call__(self, latents: torch.Tensor, step: int) -> torch.Tensor:

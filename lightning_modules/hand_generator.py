@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.components import ComponentsConfig
 from lightning_modules.conditioning import build_conditioning
@@ -126,7 +127,7 @@ class HandGenerator(LatentDiffusionModule):
         prompts: list[str],
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         scheduler: str | None = None,
         negative_prompt: str | None = None,
         progress: bool = False,
@@ -149,7 +150,7 @@ class HandGenerator(LatentDiffusionModule):
                 text = torch.cat([self.encode_prompts([negative] * b), text])
                 pose = torch.cat([pose, pose])
             shape = (b, LATENT_CHANNELS, height // self.vae_scale, width // self.vae_scale)
-            noise = torch.randn(shape, generator=generator).to(self.device)
+            noise = randn_tensor(shape, generator=generator, device=self.device)
             last_mask: dict[str, torch.Tensor] = {}
 
             def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.blending import BlendConfig, LatentBlender, latent_mask
 from lightning_modules.components import ComponentsConfig
@@ -114,7 +115,7 @@ class Outpainter(LatentDiffusionModule):
         prompts: list[str],
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         scheduler: str | None = None,
         blend: BlendConfig | None = None,
         negative_prompt: str | None = None,
@@ -137,7 +138,9 @@ class Outpainter(LatentDiffusionModule):
             if scale > 1.0:
                 text = torch.cat([self.encode_prompts([negative] * b), text])
             twice = (lambda t: torch.cat([t, t])) if scale > 1.0 else (lambda t: t)
-            noise = torch.randn((b, LATENT_CHANNELS, *size), generator=generator).to(self.device)
+            noise = randn_tensor(
+                (b, LATENT_CHANNELS, *size), generator=generator, device=self.device
+            )
             sampling_scheduler = self.sampling_scheduler(scheduler)
             blender = LatentBlender(
                 sampling_scheduler,
