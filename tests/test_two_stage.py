@@ -148,3 +148,33 @@ def test_tiny_end_to_end_through_the_cli(synthetic_dir, tmp_path, monkeypatch):
     single = np.asarray(Image.open(out / f"{keys[0]}.png"), dtype=float)
     split = np.asarray(Image.open(ddp / f"{keys[0]}.png"), dtype=float)
     assert np.abs(single - split).max() <= 1  # per-image seeds: same image (8-bit rounding)
+
+
+@pytest.mark.gpu
+def test_outpainter_bf16_fit_and_pipeline_on_cuda(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            str(ROOT / "experiments/outpaint/tiny.yaml"),
+            f"data.params.train_shards={synthetic_dir}/train-*.tar",
+            f"data.params.val_shards={synthetic_dir}/val-*.tar",
+            "data.params.num_workers=0",
+            "trainer.max_steps=5",
+            "trainer.accelerator=gpu",
+            "trainer.precision=bf16-mixed",
+            "callbacks.images.params.every_n_steps=5",
+            "trainer.limit_val_batches=1",
+        ]
+    )
+    pipe = TwoStagePipeline(
+        HandGenerator(components={"tiny": True}).cuda(),
+        Outpainter(components={"tiny": True}).cuda(),
+        HandCropConfig(resolution=32),
+        FullBodyConfig(resolution=64),
+        min_hand_size=4,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+    )
+    out = pipe([_people(1)], ["a person"], seeds=[1])
+    assert out["images"].shape == (1, 3, 64, 64) and torch.isfinite(out["images"]).all()
