@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED = 1
 .PHONY: help install test test-full train-hand train-outpaint sample-two-stage eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,8 +61,8 @@ lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-clean: ## remove logs, synthetic data and caches (keeps .venv)
-	rm -rf logs data .pytest_cache .ruff_cache
+clean: ## remove logs, results, exports, synthetic data and caches (keeps .venv)
+	rm -rf logs data results exports .pytest_cache .ruff_cache
 
 eval-metrics: $(SYNTHETIC)/.done ## score generated vs real images (CONFIG_EVAL=..., ARGS="key=value ...")
 	$(PY) -m experiments.run eval $(CONFIG_EVAL) $(ARGS)
