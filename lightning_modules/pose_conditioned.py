@@ -1,0 +1,177 @@
+"""Pose-conditioned latent diffusion: a UNet plus a swappable pose conditioning piece.
+
+The shared base of the hand generator (stage 1), HumanSD and the ControlNet pose baseline.
+Subclasses change the UNet's outputs or the loss through :meth:`loss_terms`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from lightning_modules.components import ComponentsConfig
+from lightning_modules.conditioning import build_conditioning
+from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
+from lightning_modules.sampling import SamplerConfig, denoise
+
+LATENT_CHANNELS = 4
+
+
+class PoseConditionedDiffusion(LatentDiffusionModule):
+    """Text + pose-image conditioned SD.
+
+    ``conditioning="concat"``: the VAE-encoded skeleton concatenated to the noisy latent
+    (``conv_in`` 4 -> 8, zero-initialised); ``"controlnet"``: a ControlNet on the skeleton
+    image (``conditioning_scale``; ``controlnet`` = a pretrained one to start from). The UNet is
+    trained unless ``train_unet=False`` (the ControlNet recipe: frozen SD). Classifier-free
+    guidance drops captions (``caption_dropout``) and, optionally, poses (``pose_dropout``).
+    """
+
+    def __init__(
+        self,
+        components: ComponentsConfig | dict,
+        conditioning: Literal["concat", "controlnet"] = "concat",
+        conditioning_scale: float = 1.0,
+        controlnet: str | None = None,
+        train_unet: bool = True,
+        caption_dropout: float = 0.1,
+        pose_dropout: float = 0.0,
+        optimizer: OptimizerConfig | dict | None = None,
+        sampler: SamplerConfig | dict | None = None,
+        ema: EMAConfig | dict | None = None,
+        snr_gamma: float | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__(
+            components=components,
+            optimizer=optimizer,
+            sampler=sampler,
+            ema=ema,
+            caption_dropout=caption_dropout,
+            snr_gamma=snr_gamma,
+            gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
+        )
+        self.pose_dropout = pose_dropout
+        kwargs = {}
+        if conditioning == "controlnet":
+            kwargs = {"conditioning_scale": conditioning_scale, "pretrained": controlnet}
+        self.conditioning = build_conditioning(conditioning, **kwargs)
+        self.conditioning.attach(self.unet)
+        if not train_unet:
+            self.unet.requires_grad_(False).eval()
+            # a frozen UNet is rebuilt from the config like the VAE: keep it out of checkpoints
+            self.frozen_modules = (*self.frozen_modules, "unet")
+
+    def encode_pose(self, pose_image: torch.Tensor) -> torch.Tensor:
+        """Skeleton ``[B, 3, H, W]`` in [0, 1] -> the UNet's pose condition."""
+        return self.conditioning.encode(pose_image, lambda x: self.encode_images(x, sample=False))
+
+    def unet_output(self, noisy, timesteps, text_embeddings, pose) -> torch.Tensor:
+        """The UNet's raw output ``[B, C_out, h, w]``; its first 4 channels are the diffusion
+        prediction."""
+        return self.conditioning.predict(self.unet, noisy, timesteps, text_embeddings, pose)
+
+    def forward(self, noisy, timesteps, text_embeddings, pose) -> torch.Tensor:
+        return self.unet_output(noisy, timesteps, text_embeddings, pose)[:, :LATENT_CHANNELS]
+
+    def loss_terms(self, batch, output, latents, noise, timesteps) -> dict[str, torch.Tensor]:
+        """Loss terms from the raw UNet output; ``loss`` is the one optimised."""
+        prediction = output[:, :LATENT_CHANNELS]
+        return {"loss": self.denoising_loss(prediction, latents, noise, timesteps)}
+
+    def losses(
+        self, batch: dict, train: bool, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        latents = self.encode_images(batch["image"], generator=generator)
+        pose = self.encode_pose(batch["pose_image"])
+        captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
+        if train and self.pose_dropout > 0:
+            drop = torch.rand(pose.shape[0], device=pose.device) < self.pose_dropout
+            pose = torch.where(drop[:, None, None, None], self.conditioning.null(pose), pose)
+        text = self.encode_prompts(captions)
+        noise, timesteps, noisy = self.add_noise(latents, generator)
+        output = self.unet_output(noisy, timesteps, text, pose)
+        return self.loss_terms(batch, output, latents, noise, timesteps)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch, train=True)
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()},
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Same noise and timesteps every validation run, so the curve is comparable.
+        generator = torch.Generator().manual_seed(batch_idx)
+        with self.ema_weights():
+            losses = self.losses(batch, train=False, generator=generator)
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()},
+            sync_dist=True,
+            batch_size=batch["image"].shape[0],
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pose_images: torch.Tensor,
+        prompts: list[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        scheduler: str | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[B, 3, H, W]`` in [0, 1] and the raw UNet output of the last step (the
+        conditional half) for skeletons ``[B, 3, H, W]`` in [0, 1]. The unconditional branch
+        of guidance drops the caption (to ``negative_prompt``) and keeps the pose (HumanSD)."""
+        cfg = self.sampler_config
+        steps = num_inference_steps or cfg.num_inference_steps
+        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        b, _, height, width = pose_images.shape
+        with self.ema_weights():
+            pose = self.encode_pose(pose_images.to(self.device))
+            text = self.encode_prompts(list(prompts))
+            if scale > 1.0:
+                text = torch.cat([self.encode_prompts([negative] * b), text])
+                pose = torch.cat([pose, pose])
+            shape = (b, LATENT_CHANNELS, height // self.vae_scale, width // self.vae_scale)
+            noise = randn_tensor(shape, generator=generator, device=self.device)
+            last: dict[str, torch.Tensor] = {}
+
+            def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                output = self.unet_output(x, t, text, pose)
+                last["output"] = output[-b:]
+                return output[:, :LATENT_CHANNELS]
+
+            latents = denoise(
+                self.sampling_scheduler(scheduler),
+                predict,
+                noise,
+                steps,
+                scale,
+                generator=generator,
+                eta=cfg.eta,
+                progress=progress,
+            )
+            return self.decode_latents(latents), last["output"]
+
+    def sample(self, pose_images: torch.Tensor, prompts: list[str], **kwargs) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] (keyword arguments as :meth:`generate`)."""
+        return self.generate(pose_images, prompts, **kwargs)[0]
+
+    def log_images(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Grid columns: skeleton | sample | real."""
+        return {
+            "skeleton": batch["pose_image"],
+            "sample": self.sample(batch["pose_image"], batch["caption"], generator=generator),
+            "real": (batch["image"] + 1) / 2,
+        }
