@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= experiments/hand/tiny.yaml
 CONFIG_EVAL ?= experiments/eval/metrics_tiny.yaml
 CONFIG_OUTPAINT ?= experiments/outpaint/tiny.yaml
+CONFIG_HUMANSD ?= experiments/humansd/tiny.yaml
+CONFIG_CONTROLNET ?= experiments/controlnet/tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install test test-full train-hand train-outpaint sample-two-stage eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -39,6 +41,15 @@ train-hand: $(SYNTHETIC)/.done ## train the stage-1 hand generator (CONFIG=..., 
 
 train-outpaint: $(SYNTHETIC)/.done ## train the stage-2 ControlNet outpainter (CONFIG_OUTPAINT=..., ARGS=...)
 	$(PY) -m experiments.run fit $(CONFIG_OUTPAINT) $(ARGS)
+
+train-humansd: $(SYNTHETIC)/.done ## train the HumanSD baseline (CONFIG_HUMANSD=..., ARGS=...)
+	$(PY) -m experiments.run fit $(CONFIG_HUMANSD) $(ARGS)
+
+train-controlnet: $(SYNTHETIC)/.done ## train the ControlNet pose baseline (CONFIG_CONTROLNET=..., ARGS=...)
+	$(PY) -m experiments.run fit $(CONFIG_CONTROLNET) $(ARGS)
+
+sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
+	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)
 
 sample-two-stage: $(SYNTHETIC)/.done ## two-stage sampling of the synthetic val poses (trains the tiny stages if missing)
 	ls logs/hand/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-hand

@@ -6,6 +6,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ class FullBodyConfig:
     hull_dilation: int = 2  # px at training resolution, for hand masks from keypoints
     flip_prob: float = 0.5
     require_hands: bool = False  # skip images without a labelled hand
+    skeleton_layout: Literal["openpose18", "coco17"] = "openpose18"  # coco17: HumanSD's
+    draw_hands: bool = True  # HumanSD's pose images have no hands
+    max_people: int = 4  # body keypoints are batched as [B, max_people, 17, 3]
 
 
 def _scaled(people: list[Person], scale: float, offset: tuple[float, float]) -> list[Person]:
@@ -89,7 +93,8 @@ def full_body_example(
     """One example per image: ``image`` ``[3, R, R]`` in [-1, 1], ``pose_image`` (body + hands
     skeleton) ``[3, R, R]`` in [0, 1], ``hand_mask`` ``[1, R, R]`` in {0, 1} (the known region),
     ``canvas`` = image inside the hand mask, 0 (grey) elsewhere — the real hands pasted back,
-    as stage 1's hands will be at inference — plus ``mask_from_file``, ``caption``, ``key``."""
+    as stage 1's hands will be at inference — ``body_keypoints`` ``[max_people, 17, 3]`` in
+    pixels (zero rows for absent people), plus ``mask_from_file``, ``caption``, ``key``."""
     res = config.resolution
     pixels, mask, people = letterbox(sample, res)
     hands = hands_of(people)
@@ -103,8 +108,16 @@ def full_body_example(
         pixels, mask = pixels[:, ::-1], mask[:, ::-1]
         people = flip_people(people, res)
     skeleton = render_full_skeleton(
-        people, (res, res), config.body_line_width, config.hand_line_width
+        people,
+        (res, res),
+        config.body_line_width,
+        config.hand_line_width,
+        config.skeleton_layout,
+        config.draw_hands,
     )
+    bodies = np.zeros((config.max_people, 17, 3), np.float32)
+    for n, person in enumerate(people[: config.max_people]):
+        bodies[n] = person.body
     image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
     hand_mask = torch.from_numpy((mask >= 128).astype(np.float32).copy())[None]
     yield {
@@ -112,6 +125,7 @@ def full_body_example(
         "pose_image": torch.from_numpy(skeleton).permute(2, 0, 1).float() / 255,
         "hand_mask": hand_mask,
         "canvas": image * hand_mask,
+        "body_keypoints": torch.from_numpy(bodies),
         "mask_from_file": sample.mask is not None,
         "caption": sample.caption,
         "key": sample.key,

@@ -43,6 +43,13 @@ OPENPOSE_COLORS = (
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )  # fmt: skip
 
+# COCO-17's own skeleton (pycocotools' category "skeleton", 0-based), drawn by HumanSD-style
+# body-only renderings.
+COCO_LIMBS = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
+    (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)  # fmt: skip
+
 # cv2 draws on an integer grid; 4 fractional bits keep sub-pixel keypoint positions.
 _SHIFT = 4
 
@@ -127,14 +134,28 @@ def coco_to_openpose(body: np.ndarray) -> np.ndarray:
 
 
 def draw_body_skeleton(
-    canvas: np.ndarray, body: np.ndarray, line_width: int = 4, joint_radius: int = 4
+    canvas: np.ndarray,
+    body: np.ndarray,
+    line_width: int = 4,
+    joint_radius: int = 4,
+    layout: str = "openpose18",
 ) -> np.ndarray:
-    """Draw a COCO-17 body as an OpenPose-18 skeleton (limbs at 60 % intensity, as in
-    ControlNet's OpenPose renderer) onto ``canvas`` ``[H, W, 3]`` uint8 RGB, in place."""
-    points = coco_to_openpose(body)
+    """Draw a COCO-17 body onto ``canvas`` ``[H, W, 3]`` uint8 RGB, in place.
+
+    ``layout="openpose18"``: as an OpenPose-18 skeleton (neck added; limbs at 60 % intensity,
+    as ControlNet's OpenPose renderer). ``layout="coco17"``: COCO's own 19 limbs, no neck
+    (HumanSD's pose images), in the same palette.
+    """
+    if layout == "openpose18":
+        points, limbs = coco_to_openpose(body), OPENPOSE_LIMBS
+    elif layout == "coco17":
+        points, limbs = body, COCO_LIMBS
+    else:
+        raise ValueError(f"layout={layout!r}: choose 'openpose18' or 'coco17'")
     labelled = points[:, 2] > 0
-    for (a, b), color in zip(OPENPOSE_LIMBS, OPENPOSE_COLORS, strict=False):
+    for n, (a, b) in enumerate(limbs):
         if labelled[a] and labelled[b]:
+            color = OPENPOSE_COLORS[n % len(OPENPOSE_COLORS)]
             cv2.line(
                 canvas,
                 _fixed(*points[a, :2]),
@@ -158,16 +179,21 @@ def draw_body_skeleton(
 
 
 def render_full_skeleton(
-    people, size: tuple[int, int], body_width: int = 4, hand_width: int = 2
+    people,
+    size: tuple[int, int],
+    body_width: int = 4,
+    hand_width: int = 2,
+    layout: str = "openpose18",
+    hands: bool = True,
 ) -> np.ndarray:
-    """Bodies and hands of every person on black: ``[H, W, 3]`` uint8; ``size`` = (W, H).
-    Each ``people`` entry has ``body`` ``[17, 3]`` and ``left_hand``/``right_hand``
-    ``[21, 3]`` or None (``datamodules.schema.Person``)."""
+    """Bodies (and, with ``hands``, hands) of every person on black: ``[H, W, 3]`` uint8;
+    ``size`` = (W, H). Each ``people`` entry has ``body`` ``[17, 3]`` and
+    ``left_hand``/``right_hand`` ``[21, 3]`` or None (``datamodules.schema.Person``)."""
     width, height = size
     canvas = np.zeros((height, width, 3), np.uint8)
     for person in people:
-        draw_body_skeleton(canvas, person.body, body_width, body_width)
-        for hand in (person.left_hand, person.right_hand):
+        draw_body_skeleton(canvas, person.body, body_width, body_width, layout)
+        for hand in (person.left_hand, person.right_hand) if hands else ():
             if hand is not None:
                 draw_hand_skeleton(canvas, hand, hand_width, max(1, hand_width // 2))
     return canvas

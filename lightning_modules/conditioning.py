@@ -126,9 +126,26 @@ class ControlNetPoseConditioning(PoseConditioning):
         ).sample
 
 
+class NoPoseConditioning(PoseConditioning):
+    """No pose at all: the plain text-to-image SD baseline (the "no pose" floor)."""
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Nothing to adapt."""
+
+    def encode(self, pose_image, vae_encode):
+        return pose_image.new_zeros(pose_image.shape[0], 0)
+
+    def null(self, condition):
+        return condition
+
+    def predict(self, unet, noisy_latents, timesteps, text_embeddings, condition):
+        return unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
+
+
 CONDITIONINGS: dict[str, type[PoseConditioning]] = {
     "concat": ConcatPoseConditioning,
     "controlnet": ControlNetPoseConditioning,
+    "none": NoPoseConditioning,
 }
 
 

@@ -182,6 +182,19 @@ class LatentDiffusionModule(L.LightningModule):
         ).to(self.device)
         return noise, timesteps, self.noise_scheduler.add_noise(latents, noise, timesteps)
 
+    def loss_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the UNet predicts, by the scheduler's ``prediction_type``."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
     def denoising_loss(
         self,
         prediction: torch.Tensor,
@@ -192,14 +205,7 @@ class LatentDiffusionModule(L.LightningModule):
         """L_LDM = E ||target - model output||^2 (Rombach et al. 2022, eq. 2), the target set by
         the scheduler's ``prediction_type``; Min-SNR-gamma weighting (Hang et al. 2023) if set."""
         kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        elif kind == "sample":
-            target = latents
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r}")
+        target = self.loss_target(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
         per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
         if self.snr_gamma is None:

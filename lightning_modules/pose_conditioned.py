@@ -24,15 +24,20 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
 
     ``conditioning="concat"``: the VAE-encoded skeleton concatenated to the noisy latent
     (``conv_in`` 4 -> 8, zero-initialised); ``"controlnet"``: a ControlNet on the skeleton
-    image (``conditioning_scale``; ``controlnet`` = a pretrained one to start from). The UNet is
+    image (``conditioning_scale``; ``controlnet`` = a pretrained one to start from);
+    ``"none"``: plain text-to-image SD (the pose images only set the output size). The UNet is
     trained unless ``train_unet=False`` (the ControlNet recipe: frozen SD). Classifier-free
     guidance drops captions (``caption_dropout``) and, optionally, poses (``pose_dropout``).
+
+    As configured by ``experiments/controlnet/*.yaml`` (``conditioning: controlnet``,
+    ``train_unet: false``) this is the ControlNet pose baseline of diffusers' ControlNet
+    training example; by ``experiments/plain_sd/*.yaml`` the plain SD baseline.
     """
 
     def __init__(
         self,
         components: ComponentsConfig | dict,
-        conditioning: Literal["concat", "controlnet"] = "concat",
+        conditioning: Literal["concat", "controlnet", "none"] = "concat",
         conditioning_scale: float = 1.0,
         controlnet: str | None = None,
         train_unet: bool = True,
@@ -91,7 +96,8 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
         if train and self.pose_dropout > 0:
             drop = torch.rand(pose.shape[0], device=pose.device) < self.pose_dropout
-            pose = torch.where(drop[:, None, None, None], self.conditioning.null(pose), pose)
+            drop = drop.view(-1, *[1] * (pose.ndim - 1))
+            pose = torch.where(drop, self.conditioning.null(pose), pose)
         text = self.encode_prompts(captions)
         noise, timesteps, noisy = self.add_noise(latents, generator)
         output = self.unet_output(noisy, timesteps, text, pose)

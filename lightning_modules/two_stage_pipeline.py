@@ -24,6 +24,11 @@ from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
 
 
+def seeds_for(keys: list[str], seed: int) -> list[int]:
+    """One seed per sample, from its key: the same on every rank, batch and run."""
+    return [(seed + stable_id(k)) % 2**31 for k in keys]
+
+
 @dataclass
 class HandPlan:
     image: int  # index in the batch
@@ -148,7 +153,8 @@ class TwoStagePipeline:
         canvases, known = torch.stack(canvases), torch.stack(known)
         skeletons = torch.stack([
             torch.from_numpy(render_full_skeleton(
-                p, (res, res), self.body.body_line_width, self.body.hand_line_width
+                p, (res, res), self.body.body_line_width, self.body.hand_line_width,
+                self.body.skeleton_layout, self.body.draw_hands,
             )).permute(2, 0, 1).float() / 255
             for p in people
         ])  # fmt: skip
@@ -216,7 +222,7 @@ class TwoStagePredictor(L.LightningModule):
         (self.out_dir / f"report-rank{self.global_rank}.jsonl").unlink(missing_ok=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
-        seeds = [(self.seed + stable_id(k)) % 2**31 for k in batch["key"]]
+        seeds = seeds_for(batch["key"], self.seed)
         out = self.pipeline(batch["people"], batch["caption"], seeds)
         inter = self.out_dir / "intermediate"
         inter.mkdir(parents=True, exist_ok=True)
