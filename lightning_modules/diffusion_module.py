@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def as_config(cls, value):
     return cls(**dict(value or {}))
 
 
-class LatentDiffusionModule(L.LightningModule):
+class LatentDiffusionModule(L.LightningModule, ABC):
     """Stable-Diffusion-style training in latent space.
 
     The VAE and text encoder are frozen (no gradients, always in eval mode, cast to the
@@ -102,6 +103,13 @@ class LatentDiffusionModule(L.LightningModule):
         self._ema_step = -1
 
     # ----------------------------------------------------------------- frozen parts
+    def freeze(self, name: str) -> None:
+        """Freeze submodule ``name``: no gradients, always in eval mode, left out of
+        checkpoints (a rebuild from the config restores it)."""
+        getattr(self, name).requires_grad_(False).eval()
+        if name not in self.frozen_modules:
+            self.frozen_modules = (*self.frozen_modules, name)
+
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self.frozen_modules:
@@ -213,6 +221,33 @@ class LatentDiffusionModule(L.LightningModule):
         snr = compute_snr(self.noise_scheduler, timesteps)
         weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
         return (per_sample * weight).mean()
+
+    # ----------------------------------------------------------------- steps
+    @abstractmethod
+    def losses(
+        self, batch: dict, train: bool, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of a batch; ``loss`` is the one optimised."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch, train=True)
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()},
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+        )
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Same noise and timesteps every validation run, so the curve is comparable.
+        generator = torch.Generator().manual_seed(batch_idx)
+        with self.ema_weights():
+            losses = self.losses(batch, train=False, generator=generator)
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()},
+            sync_dist=True,
+            batch_size=batch["image"].shape[0],
+        )
 
     # ----------------------------------------------------------------- EMA
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -100,8 +100,8 @@ class HumanSD(PoseConditionedDiffusion):
                 raise ValueError("heatmap.source='network' needs heatmap.network (target/params)")
             from experiments.config import instantiate
 
-            self.heatmap_network = instantiate(self.heatmap.network).eval().requires_grad_(False)
-            self.frozen_modules = (*self.frozen_modules, "heatmap_network")
+            self.heatmap_network = instantiate(self.heatmap.network)
+            self.freeze("heatmap_network")
 
     @torch.no_grad()
     def weight_map(self, batch: dict, prediction, noise, latents) -> torch.Tensor:

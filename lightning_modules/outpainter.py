@@ -70,9 +70,7 @@ class Outpainter(LatentDiffusionModule):
         if gradient_checkpointing:
             self.conditioning.controlnet.enable_gradient_checkpointing()
         if not train_unet:
-            self.unet.requires_grad_(False).eval()
-            # a frozen UNet is rebuilt from the config like the VAE: keep it out of checkpoints
-            self.frozen_modules = (*self.frozen_modules, "unet")
+            self.freeze("unet")
 
     def inpaint_inputs(self, canvas: torch.Tensor, hand_mask: torch.Tensor, size) -> tuple:
         """Canvas ``[B, 3, H, W]`` in [-1, 1] and known-region mask ``[B, 1, H, W]`` -> the
@@ -94,17 +92,6 @@ class Outpainter(LatentDiffusionModule):
         noise, timesteps, noisy = self.add_noise(latents, generator)
         prediction = self(noisy, timesteps, text, batch["pose_image"], paint, canvas_latents)
         return {"loss": self.denoising_loss(prediction, latents, noise, timesteps)}
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.losses(batch, train=True)["loss"]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator().manual_seed(batch_idx)
-        with self.ema_weights():
-            loss = self.losses(batch, train=False, generator=generator)["loss"]
-        self.log("val/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
 
     @torch.no_grad()
     def sample(

@@ -67,9 +67,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         self.conditioning = build_conditioning(conditioning, **kwargs)
         self.conditioning.attach(self.unet)
         if not train_unet:
-            self.unet.requires_grad_(False).eval()
-            # a frozen UNet is rebuilt from the config like the VAE: keep it out of checkpoints
-            self.frozen_modules = (*self.frozen_modules, "unet")
+            self.freeze("unet")
 
     def encode_pose(self, pose_image: torch.Tensor) -> torch.Tensor:
         """Skeleton ``[B, 3, H, W]`` in [0, 1] -> the UNet's pose condition."""
@@ -102,26 +100,6 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         noise, timesteps, noisy = self.add_noise(latents, generator)
         output = self.unet_output(noisy, timesteps, text, pose)
         return self.loss_terms(batch, output, latents, noise, timesteps)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch, train=True)
-        self.log_dict(
-            {f"train/{k}": v for k, v in losses.items()},
-            prog_bar=True,
-            batch_size=batch["image"].shape[0],
-        )
-        return losses["loss"]
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Same noise and timesteps every validation run, so the curve is comparable.
-        generator = torch.Generator().manual_seed(batch_idx)
-        with self.ema_weights():
-            losses = self.losses(batch, train=False, generator=generator)
-        self.log_dict(
-            {f"val/{k}": v for k, v in losses.items()},
-            sync_dist=True,
-            batch_size=batch["image"].shape[0],
-        )
 
     @torch.no_grad()
     def generate(
