@@ -1,0 +1,147 @@
+"""Turn a folder of photos into schema shards with MediaPipe's bundled models (offline).
+
+    python -m datamodules.annotate --images DIR --out SHARDS [--processes 2]
+
+Per image: body keypoints (BlazePose 33 -> COCO-17, the mapping of the metrics' backend;
+scores in [0, 1] as ``v``), both hands' 21 keypoints (assigned to the left/right wrist they are
+closest to), a hand mask (each hand's landmark hull, dilated, intersected with the person's
+selfie-segmentation mask), and the caption from a sidecar ``<name>.txt`` (else
+``--default-caption``). Images that cannot be read or show no person are dropped and counted.
+MediaPipe finds one person per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datamodules.converter import Drop, convert_dataset, encode_jpeg, encode_png
+from datamodules.rendering import hull_mask
+from metrics.pose_estimators import BLAZEPOSE_TO_COCO
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+LEFT_WRIST, RIGHT_WRIST = 9, 10
+_MODELS: dict = {}
+
+
+def _models():
+    """One set of MediaPipe graphs per process (they do not pickle)."""
+    if not _MODELS:
+        import mediapipe as mp
+
+        _MODELS["pose"] = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1)
+        _MODELS["hands"] = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2)
+        _MODELS["segmentation"] = mp.solutions.selfie_segmentation.SelfieSegmentation(
+            model_selection=0
+        )
+    return _MODELS
+
+
+def _points(landmarks, width: int, height: int, scores) -> np.ndarray:
+    """Landmarks -> ``[K, 3]`` pixels + score; points off the image become unlabelled."""
+    kp = np.array([[p.x * width, p.y * height, s] for p, s in zip(landmarks, scores, strict=True)])
+    off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
+    kp[off] = 0
+    return kp.round(2)
+
+
+def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
+    """MediaPipe annotation of one RGB image ``[H, W, 3]`` uint8: ``{"person": schema person,
+    "mask": [H, W] uint8}``, or None when no person is found."""
+    height, width = pixels.shape[:2]
+    models = _models()
+    pose = models["pose"].process(pixels)
+    if pose.pose_landmarks is None:
+        return None
+    landmarks = [pose.pose_landmarks.landmark[i] for i in BLAZEPOSE_TO_COCO]
+    body = _points(landmarks, width, height, [p.visibility for p in landmarks])
+    person = {"body": body, "left_hand": None, "right_hand": None}
+    result = models["hands"].process(pixels)
+    segmentation = models["segmentation"].process(pixels).segmentation_mask > 0.5
+    mask = np.zeros((height, width), np.uint8)
+    for hand_landmarks, handedness in zip(
+        result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
+    ):
+        score = handedness.classification[0].score
+        hand = _points(hand_landmarks.landmark, width, height, [score] * 21)
+        wrist = hand[0, :2]
+        distances = {
+            side: np.linalg.norm(body[k, :2] - wrist) if body[k, 2] > 0 else np.inf
+            for side, k in (("left_hand", LEFT_WRIST), ("right_hand", RIGHT_WRIST))
+        }
+        side = min(distances, key=distances.get)
+        if person[side] is None or person[side][:, 2].mean() < score:
+            person[side] = hand
+        mask |= hull_mask(hand, (width, height), hand_dilation)
+    mask &= segmentation.astype(np.uint8) * 255
+    labelled = body[body[:, 2] > 0, :2]
+    x0, y0 = labelled.min(0) if len(labelled) else (0, 0)
+    x1, y1 = labelled.max(0) if len(labelled) else (0, 0)
+    person["bbox"] = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+    return {"person": person, "mask": mask}
+
+
+def image_sample(path: Path, default_caption: str = "a photo of a person") -> dict | Drop:
+    """One schema sample for the image at ``path``."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except Exception:  # PIL raises many types for unreadable files
+        return Drop("unreadable_image")
+    annotation = annotate_image(pixels)
+    if annotation is None:
+        return Drop("no_person")
+    sidecar = path.with_suffix(".txt")
+    caption = sidecar.read_text().strip() if sidecar.is_file() else default_caption
+    person = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in annotation["person"].items()
+    }
+    height, width = pixels.shape[:2]
+    record = {
+        "width": width,
+        "height": height,
+        "caption": caption,
+        "source": {"dataset": "annotate", "id": path.name},
+        "people": [person],
+    }
+    return {
+        "__key__": path.stem,
+        "jpg": encode_jpeg(pixels),
+        "json": json.dumps(record).encode(),
+        "mask.png": encode_png(annotation["mask"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder of photos (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--default-caption", default="a photo of a person")
+    args = parser.parse_args(argv)
+    files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"--images {args.images!r}: no images found")
+    summary = convert_dataset(
+        files,
+        lambda p: str(p.relative_to(args.images)),
+        partial(image_sample, default_caption=args.default_caption),
+        args.out,
+        args.samples_per_shard,
+        args.val_fraction,
+        args.processes,
+        desc="annotating",
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
