@@ -13,7 +13,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,11 @@ sample-two-stage: $(SYNTHETIC)/.done ## two-stage sampling of the synthetic val 
 	ls logs/hand/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-hand
 	ls logs/outpaint/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-outpaint
 	$(PY) -m experiments.run predict experiments/two_stage/tiny.yaml $(ARGS)
+
+shards: install ## convert a dataset: DATASET=hagrid|annotate SRC=... OUT=... [ARGS="--processes 4"]
+	@test -n "$(DATASET)" -a -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards DATASET=hagrid|annotate SRC=DIR OUT=DIR"; exit 2; }
+	@if [ "$(DATASET)" = annotate ]; then $(PY) -m datamodules.annotate --images $(SRC) --out $(OUT) $(ARGS); \
+	else $(PY) -m datamodules.convert_$(DATASET) --src $(SRC) --out $(OUT) $(ARGS); fi
 
 export: install ## export a trained UNet in diffusers format (CONFIG=..., ARGS="ckpt_path=... export_dir=...")
 	$(PY) -m experiments.run export $(CONFIG) $(ARGS)

@@ -26,23 +26,27 @@ from metrics.pose_estimators import BLAZEPOSE_TO_COCO
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LEFT_WRIST, RIGHT_WRIST = 9, 10
-_MODELS: dict = {}
+MODELS_BY_PROCESS: dict = {}
 
 
-def _models():
+def mediapipe_models():
     """One set of MediaPipe graphs per process (they do not pickle)."""
-    if not _MODELS:
+    if not MODELS_BY_PROCESS:
         import mediapipe as mp
 
-        _MODELS["pose"] = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1)
-        _MODELS["hands"] = mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2)
-        _MODELS["segmentation"] = mp.solutions.selfie_segmentation.SelfieSegmentation(
+        MODELS_BY_PROCESS["pose"] = mp.solutions.pose.Pose(
+            static_image_mode=True, model_complexity=1
+        )
+        MODELS_BY_PROCESS["hands"] = mp.solutions.hands.Hands(
+            static_image_mode=True, max_num_hands=2
+        )
+        MODELS_BY_PROCESS["segmentation"] = mp.solutions.selfie_segmentation.SelfieSegmentation(
             model_selection=0
         )
-    return _MODELS
+    return MODELS_BY_PROCESS
 
 
-def _points(landmarks, width: int, height: int, scores) -> np.ndarray:
+def keypoints_from_landmarks(landmarks, width: int, height: int, scores) -> np.ndarray:
     """Landmarks -> ``[K, 3]`` pixels + score; points off the image become unlabelled."""
     kp = np.array([[p.x * width, p.y * height, s] for p, s in zip(landmarks, scores, strict=True)])
     off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
@@ -50,16 +54,26 @@ def _points(landmarks, width: int, height: int, scores) -> np.ndarray:
     return kp.round(2)
 
 
+def nearest_wrist(body: np.ndarray, hand: np.ndarray) -> str | None:
+    """``"left"``/``"right"``: the body wrist closest to the hand's wrist (None: no wrist)."""
+    distances = {
+        side: np.linalg.norm(body[k, :2] - hand[0, :2])
+        for side, k in (("left", LEFT_WRIST), ("right", RIGHT_WRIST))
+        if body[k, 2] > 0
+    }
+    return min(distances, key=distances.get) if distances else None
+
+
 def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
     """MediaPipe annotation of one RGB image ``[H, W, 3]`` uint8: ``{"person": schema person,
     "mask": [H, W] uint8}``, or None when no person is found."""
     height, width = pixels.shape[:2]
-    models = _models()
+    models = mediapipe_models()
     pose = models["pose"].process(pixels)
     if pose.pose_landmarks is None:
         return None
     landmarks = [pose.pose_landmarks.landmark[i] for i in BLAZEPOSE_TO_COCO]
-    body = _points(landmarks, width, height, [p.visibility for p in landmarks])
+    body = keypoints_from_landmarks(landmarks, width, height, [p.visibility for p in landmarks])
     person = {"body": body, "left_hand": None, "right_hand": None}
     result = models["hands"].process(pixels)
     segmentation = models["segmentation"].process(pixels).segmentation_mask > 0.5
@@ -68,7 +82,7 @@ def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
         result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
     ):
         score = handedness.classification[0].score
-        hand = _points(hand_landmarks.landmark, width, height, [score] * 21)
+        hand = keypoints_from_landmarks(hand_landmarks.landmark, width, height, [score] * 21)
         wrist = hand[0, :2]
         distances = {
             side: np.linalg.norm(body[k, :2] - wrist) if body[k, 2] > 0 else np.inf

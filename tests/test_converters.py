@@ -127,3 +127,76 @@ def test_annotated_shards_feed_the_datamodules(annotated):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 64, 64)
     assert batch["pose_image"].sum() > 0
+
+
+def _hagrid_fixture(root):
+    """Three images in HaGRID's published layout: v2 with landmarks (one box per hand), v1
+    without landmarks, and an annotation whose image is missing."""
+    from datamodules.synthetic import draw_person
+
+    rng = np.random.default_rng(3)
+    (root / "images" / "like").mkdir(parents=True)
+    (root / "annotations" / "train").mkdir(parents=True)
+    annotations, expected = {}, {}
+    for image_id in ("0a1b", "0c2d"):
+        pixels, _, record = draw_person(rng, 256)
+        Image.fromarray(pixels).resize((320, 256)).save(
+            root / "images" / "like" / f"{image_id}.jpg"
+        )
+        person = record["people"][0]
+        boxes, marks = [], []
+        for side in ("left_hand", "right_hand"):
+            kp = np.array(person[side] if person[side] is not None else [[10, 10, 2]] * 21)
+            norm = kp[:, :2] / 256.0  # record coordinates are in the 256x256 image
+            marks.append(norm.round(6).tolist())
+            lo, hi = norm.min(0), norm.max(0)
+            boxes.append([*lo.tolist(), *(hi - lo).tolist()])
+        expected[image_id] = marks
+        annotations[image_id] = {
+            "bboxes": boxes,
+            "labels": ["like", "no_gesture"],
+            "user_id": f"user-{image_id}",
+            "hand_landmarks": marks,
+        }
+    annotations["0c2d"].pop("hand_landmarks")  # v1: no landmarks...
+    annotations["0c2d"]["leading_hand"] = "right"  # ...but a leading hand
+    annotations["ffff"] = {"bboxes": [[0.1, 0.1, 0.2, 0.2]], "labels": ["like"], "user_id": "u"}
+    (root / "annotations" / "train" / "like.json").write_text(json.dumps(annotations))
+    return expected
+
+
+def test_hagrid_converter_on_published_format(tmp_path):
+    from datamodules.convert_hagrid import main as hagrid_main
+
+    expected = _hagrid_fixture(tmp_path / "hagrid")
+    out = tmp_path / "shards"
+    summary = hagrid_main(
+        ["--src", str(tmp_path / "hagrid"), "--out", str(out), "--val-fraction", "0"]
+    )
+    dropped = summary["train"]["dropped"]
+    assert dropped.get("missing_image") == 1
+    import webdataset as wds
+
+    samples = {
+        s.key: s
+        for s in map(
+            decode_sample,
+            wds.DataPipeline(
+                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
+                wds.tarfile_to_samples(),
+            ),
+        )
+    }
+    assert "0a1b" in samples
+    sample = samples["0a1b"]
+    assert sample.image.size == (320, 256)
+    assert sample.caption == "a person showing a like gesture"
+    (person,) = sample.people
+    hands = [h for h in (person.left_hand, person.right_hand) if h is not None]
+    # normalised landmarks -> pixels of the 320x256 image, by hand: x * 320, y * 256
+    given = [np.array(m) * [320, 256] for m in expected["0a1b"]]
+    for hand in hands:
+        assert any(np.allclose(hand[:, :2], g, atol=0.01) for g in given)
+    assert summary["train"]["written"] + sum(dropped.values()) == 3
+    # the v1 image has no landmarks: MediaPipe fills them in or the sample is dropped, counted
+    assert "0c2d" in samples or dropped.get("no_hand_landmarks") == 1

@@ -1,0 +1,181 @@
+"""HaGRID (v1 and v2) -> schema shards.
+
+    python -m datamodules.convert_hagrid --src HAGRID_ROOT --out SHARDS [--processes 4]
+
+Expected layout (https://github.com/hukenovs/hagrid; v2 on its ``Hagrid_v2`` branch):
+
+    HAGRID_ROOT/annotations/**/<gesture>.json   (v1: ann_train_val/<gesture>.json also found)
+    HAGRID_ROOT/<images dir>/**/<image id>.jpg  (any sub-folder layout: found by image id)
+
+Each annotation file maps an image id (file name without extension) to ``bboxes`` (normalised
+``[x, y, w, h]``), ``labels`` (gesture per box, ``no_gesture`` for a free hand), ``user_id``
+and, in v1, ``leading_hand`` (``left``/``right``: the gesture hand); v2 adds ``hand_landmarks``
+(per box, 21 normalised ``[x, y]`` or an empty list). Boxes without landmarks get MediaPipe's
+(run on the box's neighbourhood), flagged in ``source.landmarks_from``. Handedness: v1's
+``leading_hand`` for gesture boxes (the other side for ``no_gesture`` boxes), else the nearer
+body wrist, else MediaPipe's handedness (its labels assume mirrored images, so they are
+swapped for photos). The body comes from MediaPipe pose (``source.body_from``). Caption:
+"a person showing a <gesture> gesture".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datamodules.annotate import keypoints_from_landmarks, mediapipe_models, nearest_wrist
+from datamodules.converter import Drop, convert_dataset, encode_jpeg
+from metrics.pose_estimators import BLAZEPOSE_TO_COCO
+
+
+@dataclass
+class HagridItem:
+    image_id: str
+    gesture: str
+    annotation: dict
+    image_path: Path | None
+
+
+def caption_for(labels: list[str]) -> str:
+    gestures = [label for label in labels if label != "no_gesture"]
+    if not gestures:
+        return "a person with relaxed hands"
+    return f"a person showing a {gestures[0].replace('_', ' ')} gesture"
+
+
+def _mediapipe_hand(pixels: np.ndarray, box: list[float]):
+    """MediaPipe hand landmarks inside (an enlarged) ``box`` of the image, as image pixels,
+    with the person's handedness; None when no hand is found."""
+    height, width = pixels.shape[:2]
+    x, y, w, h = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    side = max(w, h) * 2
+    x0, y0 = int(max(0, x + w / 2 - side / 2)), int(max(0, y + h / 2 - side / 2))
+    x1, y1 = int(min(width, x0 + side)), int(min(height, y0 + side))
+    crop = np.ascontiguousarray(pixels[y0:y1, x0:x1])
+    result = mediapipe_models()["hands"].process(crop)
+    if not result.multi_hand_landmarks:
+        return None
+    landmarks = result.multi_hand_landmarks[0].landmark
+    kp = np.array([[p.x * (x1 - x0) + x0, p.y * (y1 - y0) + y0, 2.0] for p in landmarks])
+    label = result.multi_handedness[0].classification[0].label
+    return kp, ("right" if label == "Left" else "left")
+
+
+def hagrid_sample(item: HagridItem) -> dict | Drop:
+    if item.image_path is None:
+        return Drop("missing_image")
+    try:
+        with Image.open(item.image_path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except Exception:  # PIL raises many types for unreadable files
+        return Drop("unreadable_image")
+    height, width = pixels.shape[:2]
+    ann = item.annotation
+    boxes, labels = ann.get("bboxes", []), ann.get("labels", [])
+    if not boxes or len(boxes) != len(labels):
+        return Drop("bad_annotation")
+    pose = mediapipe_models()["pose"].process(pixels)
+    if pose.pose_landmarks is not None:
+        marks = [pose.pose_landmarks.landmark[i] for i in BLAZEPOSE_TO_COCO]
+        body = keypoints_from_landmarks(marks, width, height, [p.visibility for p in marks])
+        body_from = "mediapipe"
+    else:
+        body, body_from = np.zeros((17, 3)), "none"
+    landmarks = ann.get("hand_landmarks") or [[] for _ in boxes]
+    leading = ann.get("leading_hand")
+    hands: dict[str, np.ndarray] = {}
+    landmarks_from = []
+    for box, label, marks in zip(boxes, labels, landmarks, strict=False):
+        if marks and len(marks) == 21:
+            kp = np.array([[mx * width, my * height, 2.0] for mx, my in marks])
+            mp_side = None
+            landmarks_from.append("annotation")
+        else:
+            found = _mediapipe_hand(pixels, box)
+            if found is None:
+                landmarks_from.append("none")
+                continue
+            kp, mp_side = found
+            landmarks_from.append("mediapipe")
+        if leading in ("left", "right"):
+            side = leading if label != "no_gesture" else {"left": "right", "right": "left"}[leading]
+        else:
+            side = nearest_wrist(body, kp) or mp_side or ("right" if hands else "left")
+        off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
+        kp[off] = 0
+        if side not in hands:  # two hands claiming one side: keep the first
+            hands[side] = kp.round(2)
+    if not hands:
+        return Drop("no_hand_landmarks")
+    union = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in boxes])
+    x0, y0 = union[:, :2].min(0) * (width, height)
+    x1, y1 = union[:, 2:].max(0) * (width, height)
+    person = {
+        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        "body": body.tolist(),
+        "left_hand": hands["left"].tolist() if "left" in hands else None,
+        "right_hand": hands["right"].tolist() if "right" in hands else None,
+    }
+    record = {
+        "width": width, "height": height, "caption": caption_for(labels),
+        "source": {"dataset": "hagrid", "id": item.image_id, "gesture": item.gesture,
+                   "user_id": ann.get("user_id"), "version": 2 if "hand_landmarks" in ann else 1,
+                   "landmarks_from": landmarks_from, "body_from": body_from},
+        "people": [person],
+    }  # fmt: skip
+    return {
+        "__key__": item.image_id,
+        "jpg": encode_jpeg(pixels),
+        "json": json.dumps(record).encode(),
+    }
+
+
+def list_items(src: Path) -> list[HagridItem]:
+    """Every annotated image of a HaGRID root, in a stable order."""
+    files = sorted(src.rglob("*.json"))
+    images = {p.stem: p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")}
+    items = []
+    for file in files:
+        annotations = json.loads(file.read_text())
+        if not isinstance(annotations, dict):
+            continue
+        for image_id in sorted(annotations):
+            ann = annotations[image_id]
+            if isinstance(ann, dict) and "bboxes" in ann:
+                items.append(HagridItem(image_id, file.stem, ann, images.get(image_id)))
+    return items
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="HaGRID root (annotations + images)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args(argv)
+    items = list_items(Path(args.src))
+    if not items:
+        raise SystemExit(f"--src {args.src!r}: no HaGRID annotation files (*.json) found")
+    # split by subject, as HaGRID's own splits are, so one person is never in both
+    summary = convert_dataset(
+        items,
+        lambda i: i.annotation.get("user_id") or i.image_id,
+        hagrid_sample,
+        args.out,
+        args.samples_per_shard,
+        args.val_fraction,
+        args.processes,
+        desc="hagrid",
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
