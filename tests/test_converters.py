@@ -200,3 +200,81 @@ def test_hagrid_converter_on_published_format(tmp_path):
     assert summary["train"]["written"] + sum(dropped.values()) == 3
     # the v1 image has no landmarks: MediaPipe fills them in or the sample is dropped, counted
     assert "0c2d" in samples or dropped.get("no_hand_landmarks") == 1
+
+
+def test_interhand_projection_and_reordering(tmp_path):
+    """A fixture in InterHand2.6M's published format: one camera, two frames; the projection
+    and the joint reordering are checked against hand-computed values."""
+    from datamodules.convert_interhand import INTERHAND_TO_SCHEMA
+    from datamodules.convert_interhand import main as interhand_main
+
+    root = tmp_path / "ih"
+    ann = root / "annotations" / "train"
+    ann.mkdir(parents=True)
+    img_dir = root / "images" / "train" / "Capture0" / "ROM01" / "cam400002"
+    img_dir.mkdir(parents=True)
+    # camera: identity rotation, at the origin, f = 100, principal point (160, 120)
+    camera = {
+        "campos": {"400002": [0, 0, 0]},
+        "camrot": {"400002": np.eye(3).tolist()},
+        "focal": {"400002": [100, 100]},
+        "princpt": {"400002": [160, 120]},
+    }
+    world = np.zeros((42, 3))
+    world[:, 2] = 1000  # 1 m in front
+    world[:21, 0] = np.arange(21) * 10  # right hand: joint j at x = 10 j mm
+    world[:21, 1] = 50
+    world[21:, 0] = -np.arange(21) * 10  # left hand mirrored
+    world[21:, 1] = -50
+    valid = [1] * 42
+    images, joints = [], {"0": {}}
+    for n, frame in enumerate((0, 1, 10)):
+        name = f"Capture0/ROM01/cam400002/image{frame:05d}.jpg"
+        Image.fromarray(np.full((240, 320, 3), 128, np.uint8)).save(root / "images/train" / name)
+        images.append(
+            {
+                "id": n,
+                "file_name": name,
+                "width": 320,
+                "height": 240,
+                "capture": 0,
+                "camera": "400002",
+                "frame_idx": frame,
+            }
+        )
+        joints["0"][str(frame)] = {
+            "world_coord": world.tolist(),
+            "joint_valid": valid,
+            "hand_type": "interacting",
+        }
+    (ann / "InterHand2.6M_train_data.json").write_text(
+        json.dumps({"images": images, "annotations": []})
+    )
+    (ann / "InterHand2.6M_train_camera.json").write_text(json.dumps({"0": camera}))
+    (ann / "InterHand2.6M_train_joint_3d.json").write_text(json.dumps(joints))
+    out = tmp_path / "shards"
+    summary = interhand_main(
+        ["--src", str(root), "--out", str(out), "--every", "10", "--val-fraction", "0"]
+    )
+    assert summary["items"] == 2  # frame 1 subsampled away
+    import webdataset as wds
+
+    samples = list(
+        map(
+            decode_sample,
+            wds.DataPipeline(
+                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
+                wds.tarfile_to_samples(),
+            ),
+        )
+    )
+    assert len(samples) == 2
+    (person,) = samples[0].people
+    # u = 100 * x / 1000 + 160 = x / 10 + 160 ; v = 100 * 50 / 1000 + 120 = 125
+    right = person.right_hand
+    assert right[0].tolist() == [20 * 1.0 + 160, 125.0, 2.0]  # schema wrist = InterHand joint 20
+    assert right[4].tolist() == [0 + 160.0, 125.0, 2.0]  # thumb tip = InterHand joint 0
+    assert right[1].tolist() == [3 + 160.0, 125.0, 2.0]  # thumb base = InterHand joint 3
+    assert person.left_hand[0].tolist() == [160 - 20.0, 115.0, 2.0]
+    assert sorted(INTERHAND_TO_SCHEMA) == list(range(21))
+    assert samples[0].caption == "a close-up photo of two hands"
