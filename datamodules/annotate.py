@@ -64,6 +64,36 @@ def nearest_wrist(body: np.ndarray, hand: np.ndarray) -> str | None:
     return min(distances, key=distances.get) if distances else None
 
 
+def mediapipe_hands(
+    pixels: np.ndarray, bodies: list[np.ndarray]
+) -> tuple[list[dict], list[np.ndarray]]:
+    """MediaPipe's hands on an RGB image, each assigned to the person and side whose wrist is
+    nearest. Returns one ``{"left_hand": [21, 3] | None, "right_hand": ...}`` per body
+    ``[17, 3]`` and every detected hand (assigned or not)."""
+    height, width = pixels.shape[:2]
+    out = [{"left_hand": None, "right_hand": None} for _ in bodies]
+    detected = []
+    result = mediapipe_models()["hands"].process(pixels)
+    for hand_landmarks, handedness in zip(
+        result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
+    ):
+        score = handedness.classification[0].score
+        hand = keypoints_from_landmarks(hand_landmarks.landmark, width, height, [score] * 21)
+        detected.append(hand)
+        best = None
+        for n, body in enumerate(bodies):
+            side = nearest_wrist(body, hand)
+            if side is None:
+                continue
+            wrist = body[LEFT_WRIST if side == "left" else RIGHT_WRIST, :2]
+            distance = np.linalg.norm(wrist - hand[0, :2])
+            if best is None or distance < best[0]:
+                best = (distance, n, side + "_hand")
+        if best is not None and out[best[1]][best[2]] is None:
+            out[best[1]][best[2]] = hand
+    return out, detected
+
+
 def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
     """MediaPipe annotation of one RGB image ``[H, W, 3]`` uint8: ``{"person": schema person,
     "mask": [H, W] uint8}``, or None when no person is found."""
@@ -74,23 +104,11 @@ def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
         return None
     landmarks = [pose.pose_landmarks.landmark[i] for i in BLAZEPOSE_TO_COCO]
     body = keypoints_from_landmarks(landmarks, width, height, [p.visibility for p in landmarks])
-    person = {"body": body, "left_hand": None, "right_hand": None}
-    result = models["hands"].process(pixels)
+    (assigned,), detected = mediapipe_hands(pixels, [body])
+    person = {"body": body, **assigned}
     segmentation = models["segmentation"].process(pixels).segmentation_mask > 0.5
     mask = np.zeros((height, width), np.uint8)
-    for hand_landmarks, handedness in zip(
-        result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
-    ):
-        score = handedness.classification[0].score
-        hand = keypoints_from_landmarks(hand_landmarks.landmark, width, height, [score] * 21)
-        wrist = hand[0, :2]
-        distances = {
-            side: np.linalg.norm(body[k, :2] - wrist) if body[k, 2] > 0 else np.inf
-            for side, k in (("left_hand", LEFT_WRIST), ("right_hand", RIGHT_WRIST))
-        }
-        side = min(distances, key=distances.get)
-        if person[side] is None or person[side][:, 2].mean() < score:
-            person[side] = hand
+    for hand in detected:
         mask |= hull_mask(hand, (width, height), hand_dilation)
     mask &= segmentation.astype(np.uint8) * 255
     labelled = body[body[:, 2] > 0, :2]

@@ -278,3 +278,118 @@ def test_interhand_projection_and_reordering(tmp_path):
     assert person.left_hand[0].tolist() == [160 - 20.0, 115.0, 2.0]
     assert sorted(INTERHAND_TO_SCHEMA) == list(range(21))
     assert samples[0].caption == "a close-up photo of two hands"
+
+
+def _read(out):
+    import webdataset as wds
+
+    return {
+        s.key: s
+        for s in map(
+            decode_sample,
+            wds.DataPipeline(
+                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
+                wds.tarfile_to_samples(),
+            ),
+        )
+    }
+
+
+def _coco_body(rng, width, height):
+    kp = np.zeros((17, 3))
+    kp[:, 0] = rng.uniform(10, width - 10, 17).round(1)
+    kp[:, 1] = rng.uniform(10, height - 10, 17).round(1)
+    kp[:, 2] = 0.9
+    return kp
+
+
+def test_laion_human_needs_trust_and_keeps_the_keypoints(tmp_path):
+    from datamodules.convert_laion_human import main as laion_main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "laion"
+    (root / "images").mkdir(parents=True)
+    (root / "poses").mkdir()
+    mapping, bodies = {}, {}
+    for n in range(3):
+        Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(root / f"images/{n}.jpg")
+        body = _coco_body(rng, 128, 96)
+        body[3] = [500, 500, 0.8]  # off the image: must become unlabelled
+        bodies[str(n)] = body
+        people = np.empty(1, dtype=object)
+        people[0] = {"keypoints": body}
+        np.savez(root / f"poses/{n}.npz", people)
+        mapping[str(n)] = {
+            "img_path": f"images/{n}.jpg",
+            "pose_path": f"poses/{n}.npz",
+            "prompt": f"a person number {n}",
+        }
+    (root / "poses/2.npz").write_bytes(b"garbage")
+    (root / "mapping_file_training.json").write_text(json.dumps(mapping))
+    out = tmp_path / "shards"
+    with pytest.raises(SystemExit, match="--trust-pickle"):
+        laion_main(["--src", str(root), "--out", str(out)])
+    summary = laion_main(
+        ["--src", str(root), "--out", str(out), "--trust-pickle", "--val-fraction", "0"]
+    )
+    assert summary["train"]["written"] == 2 and summary["train"]["dropped"] == {"bad_pose_file": 1}
+    samples = _read(out)
+    body = samples["0"].people[0].body
+    expected = bodies["0"].copy()
+    expected[3] = 0
+    np.testing.assert_allclose(body, expected, atol=0.005)
+    assert samples["1"].caption == "a person number 1"
+
+
+def test_humanart_coco_keypoints_and_descriptions(tmp_path):
+    from datamodules.convert_humanart import main as humanart_main
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "humanart"
+    (root / "images/2D_virtual_human/cartoon").mkdir(parents=True)
+    images, annotations = [], []
+    for n in range(2):
+        name = f"images/2D_virtual_human/cartoon/{n:06d}.jpg"
+        Image.fromarray(np.full((80, 120, 3), 60, np.uint8)).save(root / name)
+        images.append(
+            {
+                "id": n + 1,
+                "file_name": name,
+                "width": 120,
+                "height": 80,
+                "category": "cartoon",
+                "description": "a cartoon hero" if n else "",
+            }
+        )
+        annotations.append(
+            {
+                "id": n + 1,
+                "image_id": n + 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "keypoints": _coco_body(rng, 120, 80).reshape(-1).tolist(),
+                "num_keypoints": 17,
+                "bbox": [0, 0, 120, 80],
+            }
+        )
+    ann_file = root / "validation_humanart.json"
+    ann_file.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
+    out = tmp_path / "shards"
+    summary = humanart_main(["--src", str(root), "--annotations", str(ann_file), "--out", str(out)])
+    assert summary["train"]["written"] == 2
+    samples = _read(out)
+    assert samples["humanart000000002"].caption == "a cartoon hero"
+    assert samples["humanart000000001"].caption == "a cartoon image of people"
+    np.testing.assert_allclose(
+        samples["humanart000000001"].people[0].body.reshape(-1),
+        annotations[0]["keypoints"],
+        atol=0.005,
+    )

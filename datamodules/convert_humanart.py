@@ -1,0 +1,120 @@
+"""Human-Art -> schema shards.
+
+    python -m datamodules.convert_humanart --src HUMANART_ROOT --annotations FILE.json --out SHARDS
+
+Expected layout (https://github.com/IDEA-Research/HumanArt): a COCO-style keypoint file
+(``images`` with ``id``, ``file_name``, ``width``, ``height`` and the text ``description`` and
+scene ``category``; ``annotations`` with 17 COCO keypoints per person) and the images under
+``HUMANART_ROOT/<file_name>``. Caption: the description, else "a <category> image of people".
+Hands come from MediaPipe. Persons without a labelled keypoint are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datamodules.annotate import mediapipe_hands
+from datamodules.convert_laion_human import clip_keypoints
+from datamodules.converter import Drop, convert_dataset, encode_jpeg
+
+
+@dataclass
+class HumanArtItem:
+    key: str
+    image_path: Path
+    caption: str
+    category: str
+    keypoints: list[list[float]]
+
+
+def humanart_sample(item: HumanArtItem) -> dict | Drop:
+    try:
+        with Image.open(item.image_path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except Exception:  # PIL raises many types for unreadable or missing files
+        return Drop("unreadable_image")
+    height, width = pixels.shape[:2]
+    bodies = [clip_keypoints(k, width, height) for k in item.keypoints]
+    bodies = [b for b in bodies if (b[:, 2] > 0).any()]
+    if not bodies:
+        return Drop("no_person")
+    people = []
+    for body, hand in zip(bodies, mediapipe_hands(pixels, bodies)[0], strict=True):
+        labelled = body[body[:, 2] > 0, :2]
+        (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
+        people.append(
+            {
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "body": body.tolist(),
+                **{k: (None if v is None else v.tolist()) for k, v in hand.items()},
+            }
+        )
+    record = {
+        "width": width,
+        "height": height,
+        "caption": item.caption,
+        "source": {
+            "dataset": "human-art",
+            "id": item.key,
+            "category": item.category,
+            "hands_from": "mediapipe",
+        },
+        "people": people,
+    }
+    return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
+
+
+def list_items(src: Path, annotations: Path) -> list[HumanArtItem]:
+    coco = json.loads(annotations.read_text())
+    by_image = defaultdict(list)
+    for ann in coco.get("annotations", []):
+        by_image[ann["image_id"]].append(ann["keypoints"])
+    items = []
+    for image in sorted(coco["images"], key=lambda im: im["id"]):
+        category = str(image.get("category", "")).replace("_", " ")
+        caption = image.get("description") or f"a {category or 'photo'} image of people"
+        items.append(
+            HumanArtItem(
+                f"humanart{image['id']:09d}",
+                src / image["file_name"],
+                caption,
+                category,
+                by_image.get(image["id"], []),
+            )
+        )
+    return items
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="root the images' file_name is under")
+    parser.add_argument("--annotations", required=True, help="COCO-style keypoint json")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--val-fraction", type=float, default=0.0)
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args(argv)
+    items = list_items(Path(args.src), Path(args.annotations))
+    summary = convert_dataset(
+        items,
+        lambda i: i.key,
+        humanart_sample,
+        args.out,
+        args.samples_per_shard,
+        args.val_fraction,
+        args.processes,
+        desc="human-art",
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""LAION-Human as HumanSD released it -> schema shards.
+
+    python -m datamodules.convert_laion_human --src LAION_HUMAN_ROOT --out SHARDS --trust-pickle
+
+Expected layout (https://github.com/IDEA-Research/HumanSD, "LAION-Human"):
+
+    LAION_HUMAN_ROOT/mapping_file_training.json   {id: {"img_path", "pose_path", "prompt"}}
+    LAION_HUMAN_ROOT/<img_path>, LAION_HUMAN_ROOT/<pose_path>   (paths as in the mapping)
+
+Each pose file is an ``.npz`` whose ``arr_0`` is an object array of per-person dicts with
+``"keypoints"`` ``[17, 3]`` (COCO-17, x, y, score). Reading object arrays needs
+``allow_pickle=True``, and unpickling runs code from the file, so this converter does it only
+with ``--trust-pickle`` and never unpickles anything else. Hands come from MediaPipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datamodules.annotate import mediapipe_hands
+from datamodules.converter import Drop, convert_dataset, encode_jpeg
+
+
+@dataclass
+class LaionItem:
+    key: str
+    image_path: Path
+    pose_path: Path
+    prompt: str
+
+
+def clip_keypoints(kp: np.ndarray, width: int, height: int) -> np.ndarray:
+    kp = np.asarray(kp, dtype=np.float64).reshape(17, 3).copy()
+    off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
+    kp[off] = 0
+    return kp.round(2)
+
+
+def laion_sample(item: LaionItem) -> dict | Drop:
+    try:
+        with Image.open(item.image_path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except Exception:  # PIL raises many types for unreadable or missing files
+        return Drop("unreadable_image")
+    height, width = pixels.shape[:2]
+    try:
+        people = np.load(item.pose_path, allow_pickle=True)["arr_0"]
+        bodies = [clip_keypoints(p["keypoints"], width, height) for p in people]
+    except (OSError, KeyError, ValueError, TypeError, pickle.UnpicklingError):
+        return Drop("bad_pose_file")
+    bodies = [b for b in bodies if (b[:, 2] > 0).any()]
+    if not bodies:
+        return Drop("no_person")
+    hands, _ = mediapipe_hands(pixels, bodies)
+    records = []
+    for body, hand in zip(bodies, hands, strict=True):
+        labelled = body[body[:, 2] > 0, :2]
+        (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
+        records.append(
+            {
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "body": body.tolist(),
+                **{k: (None if v is None else v.tolist()) for k, v in hand.items()},
+            }
+        )
+    record = {
+        "width": width,
+        "height": height,
+        "caption": item.prompt,
+        "source": {"dataset": "laion-human", "id": item.key, "hands_from": "mediapipe"},
+        "people": records,
+    }
+    return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
+
+
+def list_items(src: Path, mapping: str) -> list[LaionItem]:
+    entries = json.loads((src / mapping).read_text())
+    return [
+        LaionItem(str(key), src / v["img_path"], src / v["pose_path"], v.get("prompt", ""))
+        for key, v in sorted(entries.items())
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mapping", default="mapping_file_training.json")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling the pose .npz files (they run code when loaded)",
+    )
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not args.trust_pickle:
+        raise SystemExit(
+            "LAION-Human's pose files are pickled object arrays: loading them runs code stored "
+            "in the files. Pass --trust-pickle if you trust their source (HumanSD's release)."
+        )
+    items = list_items(Path(args.src), args.mapping)
+    summary = convert_dataset(
+        items,
+        lambda i: i.key,
+        laion_sample,
+        args.out,
+        args.samples_per_shard,
+        args.val_fraction,
+        args.processes,
+        desc="laion-human",
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
