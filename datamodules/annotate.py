@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.converter import Drop, convert_dataset, encode_jpeg, encode_png
+from datamodules.converter import (
+    Drop,
+    add_engine_arguments,
+    convert_from_args,
+    encode_jpeg,
+    encode_png,
+)
 from datamodules.rendering import hull_mask
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
 
@@ -152,27 +158,19 @@ def image_sample(path: Path, default_caption: str = "a photo of a person") -> di
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder of photos (searched recursively)")
-    parser.add_argument("--out", required=True, help="output folder for the shards")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--processes", type=int, default=1)
+    add_engine_arguments(parser)
     parser.add_argument("--default-caption", default="a photo of a person")
     args = parser.parse_args(argv)
     files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SystemExit(f"--images {args.images!r}: no images found")
-    summary = convert_dataset(
+    return convert_from_args(
         files,
         lambda p: str(p.relative_to(args.images)),
         partial(image_sample, default_caption=args.default_caption),
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
+        args,
         desc="annotating",
     )
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.annotate import keypoints_from_landmarks, mediapipe_models, nearest_wrist
-from datamodules.converter import Drop, convert_dataset, encode_jpeg
+from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
 
 
@@ -154,27 +154,19 @@ def list_items(src: Path) -> list[HagridItem]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="HaGRID root (annotations + images)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--processes", type=int, default=1)
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     items = list_items(Path(args.src))
     if not items:
         raise SystemExit(f"--src {args.src!r}: no HaGRID annotation files (*.json) found")
     # split by subject, as HaGRID's own splits are, so one person is never in both
-    summary = convert_dataset(
+    return convert_from_args(
         items,
         lambda i: i.annotation.get("user_id") or i.image_id,
         hagrid_sample,
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
+        args,
         desc="hagrid",
     )
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from PIL import Image
 
 from datamodules.annotate import mediapipe_hands
 from datamodules.convert_laion_human import clip_keypoints
-from datamodules.converter import Drop, convert_dataset, encode_jpeg
+from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
 
 
 @dataclass
@@ -96,24 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="root the images' file_name is under")
     parser.add_argument("--annotations", required=True, help="COCO-style keypoint json")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.0)
-    parser.add_argument("--processes", type=int, default=1)
+    add_engine_arguments(parser, val_fraction=0.0)
     args = parser.parse_args(argv)
     items = list_items(Path(args.src), Path(args.annotations))
-    summary = convert_dataset(
+    return convert_from_args(
         items,
         lambda i: i.key,
         humanart_sample,
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
+        args,
         desc="human-art",
     )
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.converter import Drop, convert_dataset, encode_jpeg
+from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
 
 # schema index -> InterHand index within one hand (thumb tip..base = 0..3, ..., wrist = 20)
 INTERHAND_TO_SCHEMA = (20, 3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12, 19, 18, 17, 16)
@@ -136,28 +136,20 @@ def list_items(src: Path, split: str, every: int) -> list[InterHandItem]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True)
-    parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     parser.add_argument("--every", type=int, default=10, help="keep every N-th frame")
     parser.add_argument("--min-valid", type=int, default=15, help="valid joints per hand")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--processes", type=int, default=1)
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     items = list_items(Path(args.src), args.split, args.every)
     # split by capture session and sequence, so frames of one sequence stay together
-    summary = convert_dataset(
+    return convert_from_args(
         items,
         lambda i: "/".join(Path(i.image_path).parts[-4:-2]),
         partial(interhand_sample, min_valid=args.min_valid),
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
+        args,
         desc="interhand",
     )
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

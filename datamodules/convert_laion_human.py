@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.annotate import mediapipe_hands
-from datamodules.converter import Drop, convert_dataset, encode_jpeg
+from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
 
 
 @dataclass
@@ -91,16 +91,13 @@ def list_items(src: Path, mapping: str) -> list[LaionItem]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True)
-    parser.add_argument("--out", required=True)
     parser.add_argument("--mapping", default="mapping_file_training.json")
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow unpickling the pose .npz files (they run code when loaded)",
     )
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--processes", type=int, default=1)
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     if not args.trust_pickle:
         raise SystemExit(
@@ -108,18 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
             "in the files. Pass --trust-pickle if you trust their source (HumanSD's release)."
         )
     items = list_items(Path(args.src), args.mapping)
-    summary = convert_dataset(
+    return convert_from_args(
         items,
         lambda i: i.key,
         laion_sample,
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
+        args,
         desc="laion-human",
     )
-    print(json.dumps(summary, indent=2))
-    return summary
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ a :class:`Drop` with a reason. The engine then
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -142,4 +143,28 @@ def convert_dataset(
             "dropped": dict(sorted(dropped.items())),
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, val_fraction: float = 0.05) -> None:
+    """The command-line options every converter shares."""
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--val-fraction", type=float, default=val_fraction)
+    parser.add_argument("--processes", type=int, default=1)
+
+
+def convert_from_args(items, source_id, convert, args: argparse.Namespace, desc: str) -> dict:
+    """:func:`convert_dataset` with the shared options; prints and returns the summary."""
+    summary = convert_dataset(
+        items,
+        source_id,
+        convert,
+        args.out,
+        args.samples_per_shard,
+        args.val_fraction,
+        args.processes,
+        desc=desc,
+    )
+    print(json.dumps(summary, indent=2))
     return summary
