@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from datamodules.converter import (
     Drop,
@@ -26,6 +25,7 @@ from datamodules.converter import (
     convert_from_args,
     encode_jpeg,
     encode_png,
+    read_rgb,
 )
 from datamodules.rendering import hull_mask
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
@@ -100,6 +100,22 @@ def mediapipe_hands(
     return out, detected
 
 
+def people_with_hands(pixels: np.ndarray, bodies: list[np.ndarray]) -> list[dict]:
+    """Schema people for given COCO-17 ``bodies``, with MediaPipe's hands assigned to them and
+    a bounding box of each body's labelled keypoints."""
+    hands, _ = mediapipe_hands(pixels, bodies)
+    people = []
+    for body, hand in zip(bodies, hands, strict=True):
+        labelled = body[body[:, 2] > 0, :2]
+        (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
+        people.append({
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+            "body": body.tolist(),
+            **{k: (None if v is None else v.tolist()) for k, v in hand.items()},
+        })  # fmt: skip
+    return people
+
+
 def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
     """MediaPipe annotation of one RGB image ``[H, W, 3]`` uint8: ``{"person": schema person,
     "mask": [H, W] uint8}``, or None when no person is found."""
@@ -126,11 +142,9 @@ def annotate_image(pixels: np.ndarray, hand_dilation: int = 4) -> dict | None:
 
 def image_sample(path: Path, default_caption: str = "a photo of a person") -> dict | Drop:
     """One schema sample for the image at ``path``."""
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for unreadable files
-        return Drop("unreadable_image")
+    pixels = read_rgb(path)
+    if isinstance(pixels, Drop):
+        return pixels
     annotation = annotate_image(pixels)
     if annotation is None:
         return Drop("no_person")

@@ -26,10 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from datamodules.annotate import keypoints_from_landmarks, mediapipe_models, nearest_wrist
-from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
+from datamodules.converter import (
+    Drop,
+    add_engine_arguments,
+    convert_from_args,
+    encode_jpeg,
+    read_rgb,
+)
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
 
 
@@ -69,11 +74,9 @@ def _mediapipe_hand(pixels: np.ndarray, box: list[float]):
 def hagrid_sample(item: HagridItem) -> dict | Drop:
     if item.image_path is None:
         return Drop("missing_image")
-    try:
-        with Image.open(item.image_path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for unreadable files
-        return Drop("unreadable_image")
+    pixels = read_rgb(item.image_path)
+    if isinstance(pixels, Drop):
+        return pixels
     height, width = pixels.shape[:2]
     ann = item.annotation
     boxes, labels = ann.get("bboxes", []), ann.get("labels", [])

@@ -17,12 +17,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from datamodules.annotate import mediapipe_hands
+from datamodules.annotate import people_with_hands
 from datamodules.convert_laion_human import clip_keypoints
-from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
+from datamodules.converter import (
+    Drop,
+    add_engine_arguments,
+    convert_from_args,
+    encode_jpeg,
+    read_rgb,
+)
 
 
 @dataclass
@@ -35,27 +38,14 @@ class HumanArtItem:
 
 
 def humanart_sample(item: HumanArtItem) -> dict | Drop:
-    try:
-        with Image.open(item.image_path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for unreadable or missing files
-        return Drop("unreadable_image")
+    pixels = read_rgb(item.image_path)
+    if isinstance(pixels, Drop):
+        return pixels
     height, width = pixels.shape[:2]
     bodies = [clip_keypoints(k, width, height) for k in item.keypoints]
     bodies = [b for b in bodies if (b[:, 2] > 0).any()]
     if not bodies:
         return Drop("no_person")
-    people = []
-    for body, hand in zip(bodies, mediapipe_hands(pixels, bodies)[0], strict=True):
-        labelled = body[body[:, 2] > 0, :2]
-        (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
-        people.append(
-            {
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "body": body.tolist(),
-                **{k: (None if v is None else v.tolist()) for k, v in hand.items()},
-            }
-        )
     record = {
         "width": width,
         "height": height,
@@ -66,7 +56,7 @@ def humanart_sample(item: HumanArtItem) -> dict | Drop:
             "category": item.category,
             "hands_from": "mediapipe",
         },
-        "people": people,
+        "people": people_with_hands(pixels, bodies),
     }
     return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
 

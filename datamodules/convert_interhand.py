@@ -29,9 +29,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
+from datamodules.converter import (
+    Drop,
+    add_engine_arguments,
+    convert_from_args,
+    encode_jpeg,
+    read_rgb,
+)
 
 # schema index -> InterHand index within one hand (thumb tip..base = 0..3, ..., wrist = 20)
 INTERHAND_TO_SCHEMA = (20, 3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12, 19, 18, 17, 16)
@@ -83,11 +88,9 @@ def interhand_sample(item: InterHandItem, min_valid: int = 15) -> dict | Drop:
     left = hand_keypoints(item, 1, min_valid)
     if right is None and left is None:
         return Drop("no_valid_hand")
-    try:
-        with Image.open(item.image_path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for unreadable files
-        return Drop("unreadable_image")
+    pixels = read_rgb(item.image_path)
+    if isinstance(pixels, Drop):
+        return pixels
     points = np.concatenate([h[h[:, 2] > 0, :2] for h in (right, left) if h is not None])
     (x0, y0), (x1, y1) = points.min(0), points.max(0)
     what = (

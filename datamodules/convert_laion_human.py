@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from datamodules.annotate import mediapipe_hands
-from datamodules.converter import Drop, add_engine_arguments, convert_from_args, encode_jpeg
+from datamodules.annotate import people_with_hands
+from datamodules.converter import (
+    Drop,
+    add_engine_arguments,
+    convert_from_args,
+    encode_jpeg,
+    read_rgb,
+)
 
 
 @dataclass
@@ -44,11 +49,9 @@ def clip_keypoints(kp: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def laion_sample(item: LaionItem) -> dict | Drop:
-    try:
-        with Image.open(item.image_path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for unreadable or missing files
-        return Drop("unreadable_image")
+    pixels = read_rgb(item.image_path)
+    if isinstance(pixels, Drop):
+        return pixels
     height, width = pixels.shape[:2]
     try:
         people = np.load(item.pose_path, allow_pickle=True)["arr_0"]
@@ -58,24 +61,12 @@ def laion_sample(item: LaionItem) -> dict | Drop:
     bodies = [b for b in bodies if (b[:, 2] > 0).any()]
     if not bodies:
         return Drop("no_person")
-    hands, _ = mediapipe_hands(pixels, bodies)
-    records = []
-    for body, hand in zip(bodies, hands, strict=True):
-        labelled = body[body[:, 2] > 0, :2]
-        (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
-        records.append(
-            {
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "body": body.tolist(),
-                **{k: (None if v is None else v.tolist()) for k, v in hand.items()},
-            }
-        )
     record = {
         "width": width,
         "height": height,
         "caption": item.prompt,
         "source": {"dataset": "laion-human", "id": item.key, "hands_from": "mediapipe"},
-        "people": records,
+        "people": people_with_hands(pixels, bodies),
     }
     return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
 

@@ -47,6 +47,15 @@ def split_of(source_id: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+def read_rgb(path) -> np.ndarray | Drop:
+    """An image file as RGB ``[H, W, 3]`` uint8, or ``Drop("unreadable_image")``."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception:  # PIL raises many types for unreadable or missing files
+        return Drop("unreadable_image")
+
+
 def encode_jpeg(image: np.ndarray | Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     image = image if isinstance(image, Image.Image) else Image.fromarray(image)
