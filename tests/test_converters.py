@@ -18,6 +18,21 @@ from datamodules.schema import decode_sample
 from tests.conftest import make_raw_sample
 
 
+def _read(out):
+    import webdataset as wds
+
+    return {
+        s.key: s
+        for s in map(
+            decode_sample,
+            wds.DataPipeline(
+                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
+                wds.tarfile_to_samples(),
+            ),
+        )
+    }
+
+
 def _item_sample(item: int) -> dict | Drop:
     if item % 7 == 3:
         return Drop("odd_item")
@@ -61,14 +76,8 @@ def test_engine_writes_resumable_identical_shards(tmp_path):
     assert again["resumed_shards"] == len(first) - 1
     assert _digests(out) == first  # byte-identical after resuming
     # every sample decodes under the schema
-    import webdataset as wds
-
-    raw = list(
-        wds.DataPipeline(
-            wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))), wds.tarfile_to_samples()
-        )
-    )
-    assert len(raw) == 50 - n_drop and all(decode_sample(r).people for r in raw)
+    samples = _read(out)
+    assert len(samples) == 50 - n_drop and all(s.people for s in samples.values())
 
 
 def test_parallel_processes_give_the_same_shards(tmp_path):
@@ -97,18 +106,7 @@ def test_annotator_finds_the_people_and_counts_the_rest(annotated):
     out, summary = annotated
     assert summary["train"]["written"] == 2
     assert summary["train"]["dropped"] == {"no_person": 1, "unreadable_image": 1}
-    import webdataset as wds
-
-    samples = {
-        s.key: s
-        for s in map(
-            decode_sample,
-            wds.DataPipeline(
-                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
-                wds.tarfile_to_samples(),
-            ),
-        )
-    }
+    samples = _read(out)
     astronaut = samples["astronaut"]
     assert astronaut.caption == "an astronaut in a white suit holding a helmet"
     assert samples["camera"].caption == "a photo of a person"
@@ -175,18 +173,7 @@ def test_hagrid_converter_on_published_format(tmp_path):
     )
     dropped = summary["train"]["dropped"]
     assert dropped.get("missing_image") == 1
-    import webdataset as wds
-
-    samples = {
-        s.key: s
-        for s in map(
-            decode_sample,
-            wds.DataPipeline(
-                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
-                wds.tarfile_to_samples(),
-            ),
-        )
-    }
+    samples = _read(out)
     assert "0a1b" in samples
     sample = samples["0a1b"]
     assert sample.image.size == (320, 256)
@@ -257,17 +244,7 @@ def test_interhand_projection_and_reordering(tmp_path):
         ["--src", str(root), "--out", str(out), "--every", "10", "--val-fraction", "0"]
     )
     assert summary["items"] == 2  # frame 1 subsampled away
-    import webdataset as wds
-
-    samples = list(
-        map(
-            decode_sample,
-            wds.DataPipeline(
-                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
-                wds.tarfile_to_samples(),
-            ),
-        )
-    )
+    samples = [sample for _, sample in sorted(_read(out).items())]
     assert len(samples) == 2
     (person,) = samples[0].people
     # u = 100 * x / 1000 + 160 = x / 10 + 160 ; v = 100 * 50 / 1000 + 120 = 125
@@ -278,21 +255,6 @@ def test_interhand_projection_and_reordering(tmp_path):
     assert person.left_hand[0].tolist() == [160 - 20.0, 115.0, 2.0]
     assert sorted(INTERHAND_TO_SCHEMA) == list(range(21))
     assert samples[0].caption == "a close-up photo of two hands"
-
-
-def _read(out):
-    import webdataset as wds
-
-    return {
-        s.key: s
-        for s in map(
-            decode_sample,
-            wds.DataPipeline(
-                wds.SimpleShardList(sorted(str(p) for p in out.glob("*.tar"))),
-                wds.tarfile_to_samples(),
-            ),
-        )
-    }
 
 
 def _coco_body(rng, width, height):
