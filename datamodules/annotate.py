@@ -26,6 +26,7 @@ from datamodules.converter import (
     encode_jpeg,
     encode_png,
     read_rgb,
+    unlabel_off_image,
 )
 from datamodules.rendering import hull_mask
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
@@ -55,9 +56,7 @@ def mediapipe_models():
 def keypoints_from_landmarks(landmarks, width: int, height: int, scores) -> np.ndarray:
     """Landmarks -> ``[K, 3]`` pixels + score; points off the image become unlabelled."""
     kp = np.array([[p.x * width, p.y * height, s] for p, s in zip(landmarks, scores, strict=True)])
-    off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
-    kp[off] = 0
-    return kp.round(2)
+    return unlabel_off_image(kp, width, height)
 
 
 def nearest_wrist(body: np.ndarray, hand: np.ndarray) -> str | None:

@@ -34,6 +34,7 @@ from datamodules.converter import (
     convert_from_args,
     encode_jpeg,
     read_rgb,
+    unlabel_off_image,
 )
 from metrics.pose_estimators import BLAZEPOSE_TO_COCO
 
@@ -109,10 +110,8 @@ def hagrid_sample(item: HagridItem) -> dict | Drop:
             side = leading if label != "no_gesture" else {"left": "right", "right": "left"}[leading]
         else:
             side = nearest_wrist(body, kp) or mp_side or ("right" if hands else "left")
-        off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
-        kp[off] = 0
         if side not in hands:  # two hands claiming one side: keep the first
-            hands[side] = kp.round(2)
+            hands[side] = unlabel_off_image(kp, width, height)
     if not hands:
         return Drop("no_hand_landmarks")
     union = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in boxes])

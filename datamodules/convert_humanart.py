@@ -17,14 +17,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from datamodules.annotate import people_with_hands
-from datamodules.convert_laion_human import clip_keypoints
 from datamodules.converter import (
     Drop,
     add_engine_arguments,
     convert_from_args,
     encode_jpeg,
     read_rgb,
+    unlabel_off_image,
 )
 
 
@@ -42,7 +44,7 @@ def humanart_sample(item: HumanArtItem) -> dict | Drop:
     if isinstance(pixels, Drop):
         return pixels
     height, width = pixels.shape[:2]
-    bodies = [clip_keypoints(k, width, height) for k in item.keypoints]
+    bodies = [unlabel_off_image(np.reshape(k, (17, 3)), width, height) for k in item.keypoints]
     bodies = [b for b in bodies if (b[:, 2] > 0).any()]
     if not bodies:
         return Drop("no_person")

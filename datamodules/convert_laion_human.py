@@ -30,6 +30,7 @@ from datamodules.converter import (
     convert_from_args,
     encode_jpeg,
     read_rgb,
+    unlabel_off_image,
 )
 
 
@@ -41,13 +42,6 @@ class LaionItem:
     prompt: str
 
 
-def clip_keypoints(kp: np.ndarray, width: int, height: int) -> np.ndarray:
-    kp = np.asarray(kp, dtype=np.float64).reshape(17, 3).copy()
-    off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
-    kp[off] = 0
-    return kp.round(2)
-
-
 def laion_sample(item: LaionItem) -> dict | Drop:
     pixels = read_rgb(item.image_path)
     if isinstance(pixels, Drop):
@@ -55,7 +49,9 @@ def laion_sample(item: LaionItem) -> dict | Drop:
     height, width = pixels.shape[:2]
     try:
         people = np.load(item.pose_path, allow_pickle=True)["arr_0"]
-        bodies = [clip_keypoints(p["keypoints"], width, height) for p in people]
+        bodies = [
+            unlabel_off_image(np.reshape(p["keypoints"], (17, 3)), width, height) for p in people
+        ]
     except (OSError, KeyError, ValueError, TypeError, pickle.UnpicklingError):
         return Drop("bad_pose_file")
     bodies = [b for b in bodies if (b[:, 2] > 0).any()]

@@ -47,6 +47,15 @@ def split_of(source_id: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+def unlabel_off_image(keypoints, width: int, height: int) -> np.ndarray:
+    """Keypoints ``[K, 3]`` rounded to 0.01 px, those off the ``width`` x ``height`` image set
+    to ``(0, 0, 0)`` (unlabelled), as the schema requires."""
+    kp = np.asarray(keypoints, dtype=np.float64).copy()
+    off = (kp[:, 0] < 0) | (kp[:, 0] > width) | (kp[:, 1] < 0) | (kp[:, 1] > height)
+    kp[off] = 0
+    return kp.round(2)
+
+
 def read_rgb(path) -> np.ndarray | Drop:
     """An image file as RGB ``[H, W, 3]`` uint8, or ``Drop("unreadable_image")``."""
     try:
