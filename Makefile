@@ -56,8 +56,8 @@ sample-two-stage: $(SYNTHETIC)/.done ## two-stage sampling of the synthetic val 
 	ls logs/outpaint/tiny/version_*/checkpoints/last.ckpt >/dev/null 2>&1 || $(MAKE) train-outpaint
 	$(PY) -m experiments.run predict experiments/two_stage/tiny.yaml $(ARGS)
 
-shards: install ## convert a dataset: DATASET=hagrid|interhand|laion_human|humanart|annotate SRC=... OUT=... [ARGS=...]
-	@test -n "$(DATASET)" -a -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards DATASET=hagrid|interhand|laion_human|humanart|annotate SRC=DIR OUT=DIR [ARGS=...]"; exit 2; }
+shards: install ## convert a dataset: DATASET=hagrid|interhand|reinterhand|laion_human|humanart|annotate SRC=... OUT=... [ARGS=...]
+	@test -n "$(DATASET)" -a -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards DATASET=hagrid|interhand|reinterhand|laion_human|humanart|annotate SRC=DIR OUT=DIR [ARGS=...]"; exit 2; }
 	@if [ "$(DATASET)" = annotate ]; then $(PY) -m datamodules.annotate --images $(SRC) --out $(OUT) $(ARGS); \
 	else $(PY) -m datamodules.convert_$(DATASET) --src $(SRC) --out $(OUT) $(ARGS); fi
 

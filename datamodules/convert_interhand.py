@@ -63,18 +63,16 @@ def project(world: np.ndarray, camera: dict) -> np.ndarray:
     return cam[:, :2] / cam[:, 2:3] * focal + princpt, cam[:, 2]
 
 
-def hand_keypoints(item: InterHandItem, hand: int, min_valid: int) -> np.ndarray | None:
-    """Schema-ordered ``[21, 3]`` keypoints of hand 0 (right) or 1 (left), or None."""
-    joints = np.asarray(INTERHAND_TO_SCHEMA) + 21 * hand
-    uv, depth = project(item.world[joints], item.camera)
+def visible_hand(
+    uv: np.ndarray, depth: np.ndarray, valid: np.ndarray, width: int, height: int, min_valid: int
+) -> np.ndarray | None:
+    """Schema ``[21, 3]`` keypoints from projected joints ``uv [21, 2]`` (schema order), their
+    camera depths and validity; None when fewer than ``min_valid`` are valid, in front of the
+    camera and inside the ``width`` x ``height`` image."""
     inside = (
-        (uv[:, 0] >= 0)
-        & (uv[:, 0] <= item.width)
-        & (uv[:, 1] >= 0)
-        & (uv[:, 1] <= item.height)
-        & (depth > 0)
+        (uv[:, 0] >= 0) & (uv[:, 0] <= width) & (uv[:, 1] >= 0) & (uv[:, 1] <= height) & (depth > 0)
     )
-    ok = (item.valid[joints] > 0) & inside
+    ok = (valid > 0) & inside
     if ok.sum() < min_valid:
         return None
     kp = np.zeros((21, 3))
@@ -83,14 +81,22 @@ def hand_keypoints(item: InterHandItem, hand: int, min_valid: int) -> np.ndarray
     return kp
 
 
-def interhand_sample(item: InterHandItem, min_valid: int = 15) -> dict | Drop:
-    right = hand_keypoints(item, 0, min_valid)
-    left = hand_keypoints(item, 1, min_valid)
-    if right is None and left is None:
-        return Drop("no_valid_hand")
-    pixels = read_rgb(item.image_path)
-    if isinstance(pixels, Drop):
-        return pixels
+def hand_keypoints(item: InterHandItem, hand: int, min_valid: int) -> np.ndarray | None:
+    """Schema-ordered ``[21, 3]`` keypoints of hand 0 (right) or 1 (left), or None."""
+    joints = np.asarray(INTERHAND_TO_SCHEMA) + 21 * hand
+    uv, depth = project(item.world[joints], item.camera)
+    return visible_hand(uv, depth, item.valid[joints], item.width, item.height, min_valid)
+
+
+def two_hand_sample(
+    key: str,
+    pixels: np.ndarray,
+    right: np.ndarray | None,
+    left: np.ndarray | None,
+    source: dict,
+) -> dict:
+    """A schema sample of a hand close-up: one person whose box spans the visible joints."""
+    height, width = pixels.shape[:2]
     points = np.concatenate([h[h[:, 2] > 0, :2] for h in (right, left) if h is not None])
     (x0, y0), (x1, y1) = points.min(0), points.max(0)
     what = (
@@ -101,14 +107,26 @@ def interhand_sample(item: InterHandItem, min_valid: int = 15) -> dict | Drop:
         else "a left hand"
     )
     record = {
-        "width": item.width, "height": item.height, "caption": f"a close-up photo of {what}",
-        "source": {"dataset": "interhand2.6m", "id": item.key, "hand_type": item.hand_type},
+        "width": width, "height": height, "caption": f"a close-up photo of {what}",
+        "source": source,
         "people": [{"bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                     "body": np.zeros((17, 3)).tolist(),
                     "left_hand": None if left is None else left.tolist(),
                     "right_hand": None if right is None else right.tolist()}],
     }  # fmt: skip
-    return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
+    return {"__key__": key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
+
+
+def interhand_sample(item: InterHandItem, min_valid: int = 15) -> dict | Drop:
+    right = hand_keypoints(item, 0, min_valid)
+    left = hand_keypoints(item, 1, min_valid)
+    if right is None and left is None:
+        return Drop("no_valid_hand")
+    pixels = read_rgb(item.image_path)
+    if isinstance(pixels, Drop):
+        return pixels
+    source = {"dataset": "interhand2.6m", "id": item.key, "hand_type": item.hand_type}
+    return two_hand_sample(item.key, pixels, right, left, source)
 
 
 def list_items(src: Path, split: str, every: int) -> list[InterHandItem]:

@@ -7,7 +7,9 @@ a :class:`Drop` with a reason. The engine then
 - splits items into ``train``/``val`` by a stable hash of their source id (a sample never moves
   between splits when the dataset grows),
 - cuts each split, in the converter's order, into shards of ``samples_per_shard`` items, so
-  every item has a fixed shard: ``<split>-%06d.tar`` (brace-expandable names),
+  every item has a fixed shard: ``<split>-%06d.tar`` (brace-expandable names); with a target
+  shard size in bytes instead, the count is estimated once from the first converted samples and
+  kept in ``layout.json``, so a resumed run cuts the same shards,
 - converts shards in parallel processes, each written to a temporary file and renamed when
   complete, with its statistics beside it (``<shard>.json``): a rerun skips finished shards,
   so an interrupted conversion resumes, and writes byte-identical tars (fixed tar metadata),
@@ -22,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -93,6 +96,54 @@ def write_tar(path: Path, samples: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
+def parse_size(text: str) -> int:
+    """``"1GB"``, ``"500MB"``, ``"64k"``, ``"123"`` -> bytes (decimal units).
+
+    >>> parse_size("1.5GB"), parse_size("64k"), parse_size("123")
+    (1500000000, 64000, 123)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)b?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"shard size {text!r}: expected a number with an optional unit, e.g. 1GB")
+    number, unit = match.groups()
+    return int(float(number) * 1000 ** " kmgt".index(unit or " "))
+
+
+def _tar_bytes(sample: dict) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member plus data padded to 512."""
+    sizes = [len(v if isinstance(v, bytes) else json.dumps(v).encode())
+             for k, v in sample.items() if not k.startswith("__")]  # fmt: skip
+    return sum(512 + -(-size // 512) * 512 for size in sizes)
+
+
+def estimate_samples_per_shard(
+    items: Sequence, convert: Callable[[object], dict | Drop], shard_bytes: int, probe: int = 16
+) -> int:
+    """Samples per shard so a shard is about ``shard_bytes``, from the mean tar size of the
+    first ``probe`` items that convert (deterministic: always the same items)."""
+    sizes = [_tar_bytes(r) for r in map(convert, items[:probe]) if not isinstance(r, Drop)]
+    if not sizes:
+        return 1000
+    return max(1, int(shard_bytes * len(sizes) // sum(sizes)))
+
+
+def _layout(out: Path, samples_per_shard: int | None, estimate: Callable[[], int]) -> int:
+    """The shard length of ``out``: the one a previous run used (so resuming cuts the same
+    shards), the requested one, or an estimate; a conflicting request is an error."""
+    file = out / "layout.json"
+    if file.is_file():
+        kept = json.loads(file.read_text())["samples_per_shard"]
+        if samples_per_shard is not None and samples_per_shard != kept:
+            raise SystemExit(
+                f"{file}: these shards were cut with samples_per_shard={kept}, not "
+                f"{samples_per_shard}; resume with the same value or use a new output folder"
+            )
+        return kept
+    chosen = samples_per_shard if samples_per_shard is not None else estimate()
+    file.write_text(json.dumps({"samples_per_shard": chosen}))
+    return chosen
+
+
 def _convert_shard(job) -> dict:
     convert, items, path = job
     samples, drops = [], Counter()
@@ -113,18 +164,22 @@ def convert_dataset(
     source_id: Callable[[object], str],
     convert: Callable[[object], dict | Drop],
     out: str | os.PathLike,
-    samples_per_shard: int = 1000,
+    samples_per_shard: int | None = 1000,
     val_fraction: float = 0.05,
     processes: int = 1,
     desc: str = "converting",
+    shard_bytes: int = 10**9,
 ) -> dict:
     """Convert ``items`` into shards under ``out``; returns (and saves) the summary.
 
-    ``convert`` must be picklable (a module-level function or ``functools.partial``) when
-    ``processes > 1``.
+    ``samples_per_shard=None`` sizes shards to about ``shard_bytes`` each. ``convert`` must be
+    picklable (a module-level function or ``functools.partial``) when ``processes > 1``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    samples_per_shard = _layout(
+        out, samples_per_shard, lambda: estimate_samples_per_shard(items, convert, shard_bytes)
+    )
     by_split: dict[str, list] = {"train": [], "val": []}
     for item in items:
         by_split[split_of(source_id(item), val_fraction)].append(item)
@@ -150,7 +205,11 @@ def convert_dataset(
             for split, job in jobs:
                 results.append((split, _convert_shard(job)))
                 bar.update()
-    summary: dict = {"items": len(items), "resumed_shards": len(done)}
+    summary: dict = {
+        "items": len(items),
+        "samples_per_shard": samples_per_shard,
+        "resumed_shards": len(done),
+    }
     for split in by_split:
         dropped = Counter()
         for _, stats in (r for r in results if r[0] == split):
@@ -167,7 +226,13 @@ def convert_dataset(
 def add_engine_arguments(parser: argparse.ArgumentParser, val_fraction: float = 0.05) -> None:
     """The command-line options every converter shares."""
     parser.add_argument("--out", required=True, help="output folder for the shards")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=None, help="fixed samples per shard"
+    )
+    parser.add_argument(
+        "--shard-size", type=parse_size, default="1GB",
+        help="target shard size when --samples-per-shard is not given (default 1GB)",
+    )  # fmt: skip
     parser.add_argument("--val-fraction", type=float, default=val_fraction)
     parser.add_argument("--processes", type=int, default=1)
 
@@ -183,6 +248,7 @@ def convert_from_args(items, source_id, convert, args: argparse.Namespace, desc:
         args.val_fraction,
         args.processes,
         desc=desc,
+        shard_bytes=args.shard_size,
     )
     print(json.dumps(summary, indent=2))
     return summary

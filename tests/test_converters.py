@@ -12,8 +12,9 @@ import skimage.data
 from PIL import Image
 
 from datamodules.annotate import main as annotate_main
-from datamodules.converter import Drop, convert_dataset, split_of
+from datamodules.converter import Drop, _tar_bytes, convert_dataset, parse_size, split_of
 from datamodules.full_body_datamodule import FullBodyDataModule
+from datamodules.hand_datamodule import HandDataModule
 from datamodules.schema import decode_sample
 from tests.conftest import make_raw_sample
 
@@ -78,6 +79,27 @@ def test_engine_writes_resumable_identical_shards(tmp_path):
     # every sample decodes under the schema
     samples = _read(out)
     assert len(samples) == 50 - n_drop and all(s.people for s in samples.values())
+
+
+def test_shards_sized_in_bytes_keep_their_layout_when_resumed(tmp_path):
+    items = list(range(100))
+    one = _tar_bytes(_item_sample(0))
+    out = tmp_path / "shards"
+    summary = convert_dataset(
+        items, str, _item_sample, out, samples_per_shard=None, val_fraction=0, shard_bytes=20 * one
+    )
+    # the probe's mean sample size gives the count; shards land near the requested size
+    probe = [_tar_bytes(r) for r in map(_item_sample, items[:16]) if not isinstance(r, Drop)]
+    assert summary["samples_per_shard"] == int(20 * one * len(probe) // sum(probe)) == 20
+    # (tar pads to 10 KiB records, and a seventh of the items are dropped)
+    sizes = [p.stat().st_size for p in sorted(out.glob("train-*.tar"))]
+    assert len(sizes) == 5 and all(0.75 * 20 * one < size < 1.25 * 20 * one for size in sizes)
+    assert json.loads((out / "layout.json").read_text()) == {"samples_per_shard": 20}
+    with pytest.raises(SystemExit, match=r"layout\.json.*samples_per_shard=20, not 8"):
+        convert_dataset(items, str, _item_sample, out, samples_per_shard=8, val_fraction=0)
+    assert parse_size("2GB") == 2 * 10**9
+    with pytest.raises(ValueError, match="'lots'"):
+        parse_size("lots")
 
 
 def test_parallel_processes_give_the_same_shards(tmp_path):
@@ -255,6 +277,97 @@ def test_interhand_projection_and_reordering(tmp_path):
     assert person.left_hand[0].tolist() == [160 - 20.0, 115.0, 2.0]
     assert sorted(INTERHAND_TO_SCHEMA) == list(range(21))
     assert samples[0].caption == "a close-up photo of two hands"
+
+
+def _reinterhand_fixture(root):
+    """Two captures in Re:InterHand's published layout: a pinhole and a fisheye camera."""
+    from datamodules.convert_reinterhand import TEST_CAPTURES
+
+    cameras = {
+        "400262": {"R": np.eye(3).tolist(), "t": [0, 0, 0], "focal": [100, 100],
+                   "princpt": [160, 120]},
+        "401645": {"R": np.eye(3).tolist(), "t": [0, 0, 500], "focal": [80, 90],
+                   "princpt": [150, 110], "D": [0.1, -0.02, 0.003, 0.0]},
+    }  # fmt: skip
+    hand = np.zeros((24, 3))
+    hand[:, 0] = np.arange(24) * 10  # joint j at x = 10 j mm, 1 m in front, y = 50 mm
+    hand[:, 1], hand[:, 2] = 50, 1000
+    for capture in ("m--20230101--0000--ABC123--two-hands", TEST_CAPTURES[0]):
+        base = root / "data" / capture
+        (base / "Mugsy_cameras").mkdir(parents=True)
+        (base / "Mugsy_cameras" / "cam_params.json").write_text(json.dumps(cameras))
+        for side, sign in (("right", 1), ("left", -1)):
+            (base / "orig_fits" / side / "Keypoints").mkdir(parents=True)
+            for frame in (0, 6, 12, 18):
+                world = hand * (sign, sign, 1)
+                if frame == 12:
+                    world = world * (1, 1, -1)  # behind every camera
+                if frame == 6 and side == "left":
+                    continue  # no left-hand fit for this frame
+                name = f"keypoint-{frame:06d}.json"
+                (base / "orig_fits" / side / "Keypoints" / name).write_text(
+                    json.dumps(world.tolist())
+                )
+        for camera in cameras:
+            images = base / "Mugsy_cameras" / "envmap_per_frame" / "images" / camera
+            images.mkdir(parents=True)
+            for frame in (0, 6, 12, 18):
+                Image.fromarray(np.full((240, 320, 3), 100, np.uint8)).save(
+                    images / f"{frame:06d}.png"
+                )
+    return cameras, hand
+
+
+def test_reinterhand_projection_reordering_and_split(tmp_path):
+    from datamodules.convert_reinterhand import REINTERHAND_TO_SCHEMA
+    from datamodules.convert_reinterhand import main as reinterhand_main
+
+    cameras, hand = _reinterhand_fixture(tmp_path / "reih")
+    out = tmp_path / "shards"
+    summary = reinterhand_main(
+        ["--src", str(tmp_path / "reih"), "--out", str(out), "--every", "1", "--val-fraction", "0"]
+    )
+    # train split: one capture x two cameras x four frames; frame 12 lies behind the cameras
+    assert summary["items"] == 8
+    assert summary["train"]["written"] == 6
+    assert summary["train"]["dropped"] == {"no_valid_hand": 2}
+    samples = _read(out)
+    pinhole = samples["reih_m--20230101--0000--ABC123--two-hands_400262_000000"]
+    (person,) = pinhole.people
+    # u = 100 * x / 1000 + 160 with schema joint k = Re:InterHand joint REINTERHAND_TO_SCHEMA[k]
+    expected_u = 160 + np.asarray(REINTERHAND_TO_SCHEMA) * 1.0
+    np.testing.assert_allclose(person.right_hand[:, 0], expected_u)
+    np.testing.assert_allclose(person.right_hand[:, 1], 125.0)  # v = 100 * 50 / 1000 + 120
+    np.testing.assert_allclose(person.left_hand[:, 0], 320 - expected_u)
+    assert person.right_hand[1, 0] == 162.0  # schema thumb base = thumb 1, thumb 0 dropped
+    assert person.right_hand[17, 0] == 179.0  # schema pinky base = pinky 1 (index 19)
+    assert pinhole.caption == "a close-up photo of two hands"
+    only_right = samples["reih_m--20230101--0000--ABC123--two-hands_400262_000006"]
+    assert only_right.people[0].left_hand is None
+    assert only_right.caption == "a close-up photo of a right hand"
+    # fisheye camera: Kannala-Brandt, written out independently of OpenCV
+    fish = cameras["401645"]
+    cam = hand[list(REINTERHAND_TO_SCHEMA)] + (0, 0, 500)
+    a, b = cam[:, 0] / cam[:, 2], cam[:, 1] / cam[:, 2]
+    r = np.hypot(a, b)
+    theta = np.arctan(r)
+    k = fish["D"]
+    theta_d = theta * (1 + k[0] * theta**2 + k[1] * theta**4 + k[2] * theta**6 + k[3] * theta**8)
+    u = fish["focal"][0] * a * theta_d / r + fish["princpt"][0]
+    v = fish["focal"][1] * b * theta_d / r + fish["princpt"][1]
+    fisheye = samples["reih_m--20230101--0000--ABC123--two-hands_401645_000000"]
+    np.testing.assert_allclose(fisheye.people[0].right_hand[:, :2], np.stack([u, v], 1), atol=0.01)
+    # the dataset's own test captures are a separate split; --every subsamples in frame order
+    test_out = tmp_path / "test_shards"
+    test = reinterhand_main(["--src", str(tmp_path / "reih"), "--out", str(test_out),
+                             "--split", "test", "--every", "2", "--val-fraction", "0"])  # fmt: skip
+    assert test["items"] == 4 and test["train"]["dropped"] == {"no_valid_hand": 2}
+    assert {s.source["frame"] for s in _read(test_out).values()} == {0}
+    # the hand generator's datamodule reads the result: 6 samples, 10 hands
+    dm = HandDataModule(str(out / "train-*.tar"), batch_size=10, resampled=False,
+                        crop={"resolution": 64, "min_crop_size": 8})  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (10, 3, 64, 64) and batch["pose_image"].sum() > 0
 
 
 def _coco_body(rng, width, height):
