@@ -2,16 +2,23 @@
 
 Generated images come as schema shards (their json holds the conditioning people and the
 prompt) or as a folder of ``<key>.png``/``<key>.jpg`` files whose conditions are looked up by
-key in the real shards. Every image is read exactly once across DDP ranks and workers, resized
-to ``resolution`` x ``resolution`` with its keypoints scaled alike.
+key in the real shards. Every image is read exactly once across DDP ranks and workers and
+brought to ``resolution`` x ``resolution``: stretched (``fit="stretch"``, generated images of
+the real image's aspect) or letterboxed (``fit="letterbox"``: what the pose-conditioned methods
+generate from), keypoints transformed alike. With ``hand_crops`` the unit is a hand: each real
+sample gives one square crop per visible hand (the hand generator's training crops, without
+flips), keyed ``<key>_hand<n>``, and generated crops are looked up by that key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -20,6 +27,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.full_body_datamodule import letterbox
+from datamodules.hand_crops import HandCropConfig
+from datamodules.hand_datamodule import hand_examples
 from datamodules.schema import BODY_KEYPOINTS, HAND_KEYPOINTS, Person, Sample
 from datamodules.shards import (
     SkipCounter,
@@ -31,11 +41,27 @@ from datamodules.shards import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+Fit = Literal["stretch", "letterbox"]
+# key -> (caption, body [P, 17, 3], hands [Q, 21, 3]) in the pixels of the resized image
+Conditions = dict[str, tuple[str, torch.Tensor, torch.Tensor]]
 
 
 def stable_id(key: str) -> int:
     """A 63-bit id of a sample key, the same on every rank and run."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def select_subset(urls: Sequence[str], size: int | None, seed: int = 0) -> list[str]:
+    """The keys of a fixed evaluation subset: the ``size`` valid samples of ``urls`` with the
+    smallest seeded hash of their key (all of them when ``size`` is None), in that order.
+
+    The choice depends only on the keys, not on shard order or the number of processes, and
+    a sample stays selected when the set grows unless a new one hashes below it.
+    """
+    raw = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
+    keys = [s.key for s in validated_samples(raw, SkipCounter())]
+    keys.sort(key=lambda k: (stable_id(f"{seed}/{k}"), k))
+    return keys if size is None else keys[:size]
 
 
 def _poses(people: list[Person], scale: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,21 +76,44 @@ def _poses(people: list[Person], scale: np.ndarray) -> tuple[torch.Tensor, torch
 
 
 def to_record(
-    key: str, image: Image.Image, caption: str, people: list[Person], resolution: int
+    key: str, pixels: np.ndarray, caption: str, body: torch.Tensor, hands: torch.Tensor
 ) -> dict:
-    """``image`` ``[3, R, R]`` in [0, 1], ``body`` ``[P, 17, 3]``, ``hands`` ``[Q, 21, 3]``."""
-    width, height = image.size
-    scale = np.array([resolution / width, resolution / height])
-    pixels = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC))
-    body, hands = _poses(people, scale)
+    """``image`` ``[3, R, R]`` in [0, 1] from ``pixels`` ``[R, R, 3]`` uint8, ``body``
+    ``[P, 17, 3]``, ``hands`` ``[Q, 21, 3]`` (already in those pixels)."""
     return {
         "key": key,
         "id": stable_id(key),
-        "image": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255,
+        "image": torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255,
         "caption": caption,
         "body": body,
         "hands": hands,
     }
+
+
+def units(
+    sample: Sample, resolution: int, fit: Fit, hand_crops: HandCropConfig | None
+) -> Iterator[tuple[str, np.ndarray, str, torch.Tensor, torch.Tensor]]:
+    """The evaluation units of a real sample: ``(key, pixels [R, R, 3], caption, body, hands)``
+    with keypoints in those pixels: the whole image, or one crop per visible hand."""
+    if hand_crops is not None:
+        crops = hand_examples(sample, False, random.Random(0), replace(hand_crops, flip_prob=0.0))
+        for crop in crops:
+            pixels = ((crop["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+            hands = crop["keypoints"].double() * torch.tensor(
+                [resolution / pixels.shape[0]] * 2 + [1]
+            )
+            pixels = Image.fromarray(pixels.byte().numpy()).resize((resolution,) * 2, Image.BICUBIC)
+            yield (crop["hand_key"], np.asarray(pixels), crop["caption"],
+                   torch.zeros(0, BODY_KEYPOINTS, 3, dtype=torch.float64), hands[None])  # fmt: skip
+        return
+    if fit == "letterbox":
+        pixels, _, people = letterbox(sample, resolution)
+        yield (sample.key, pixels, sample.caption, *_poses(people, np.ones(2)))
+        return
+    width, height = sample.image.size
+    pixels = np.asarray(sample.image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
+    scale = np.array([resolution / width, resolution / height])
+    yield (sample.key, pixels, sample.caption, *_poses(sample.people, scale))
 
 
 def collate_records(records: list[dict]) -> dict:
@@ -80,21 +129,30 @@ def collate_records(records: list[dict]) -> dict:
 
 
 class _ShardRecords:
-    def __init__(self, resolution: int):
+    def __init__(
+        self,
+        resolution: int,
+        fit: Fit,
+        keys: frozenset[str] | None,
+        hand_crops: HandCropConfig | None,
+    ):
         self.resolution = resolution
+        self.fit = fit
+        self.keys = keys
+        self.hand_crops = hand_crops
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
         for s in samples:
-            yield to_record(s.key, s.image, s.caption, s.people, self.resolution)
+            if self.keys is None or s.key in self.keys:
+                for unit in units(s, self.resolution, self.fit, self.hand_crops):
+                    yield to_record(*unit)
 
 
 class FolderRecords(IterableDataset):
-    """Generated images in a folder, conditions from ``conditions`` (key -> sample metadata);
-    files are split over ranks, then workers, in sorted order."""
+    """Generated images in a folder, conditions from ``conditions`` (key -> caption, body,
+    hands at ``resolution``); files are split over ranks, then workers, in sorted order."""
 
-    def __init__(
-        self, files: list[str], conditions: dict[str, tuple[str, list[Person]]], resolution: int
-    ):
+    def __init__(self, files: list[str], conditions: Conditions, resolution: int):
         self.files = files
         self.conditions = conditions
         self.resolution = resolution
@@ -102,33 +160,52 @@ class FolderRecords(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for path in wds.split_by_worker(wds.split_by_node(self.files)):
             key = Path(path).stem
-            caption, people = self.conditions[key]
             with Image.open(path) as image:
-                yield to_record(key, image, caption, people, self.resolution)
+                pixels = image.convert("RGB").resize((self.resolution,) * 2, Image.BICUBIC)
+            yield to_record(key, np.asarray(pixels), *self.conditions[key])
 
 
-def read_conditions(urls: list[str]) -> dict[str, tuple[str, list[Person]]]:
-    """Key -> (caption, people) of every valid sample in ``urls`` (images are not kept)."""
+def read_conditions(
+    urls: list[str],
+    resolution: int,
+    fit: Fit = "stretch",
+    keys: frozenset[str] | None = None,
+    hand_crops: HandCropConfig | None = None,
+) -> Conditions:
+    """Key -> (caption, body, hands) of every evaluation unit of the valid samples in
+    ``urls`` (pixels are not kept)."""
     raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    return {s.key: (s.caption, s.people) for s in validated_samples(raw, SkipCounter())}
+    return {
+        key: (caption, body, hands)
+        for s in validated_samples(raw, SkipCounter())
+        if keys is None or s.key in keys
+        for key, _, caption, body, hands in units(s, resolution, fit, hand_crops)
+    }
 
 
 class EvaluationDataModule(L.LightningDataModule):
     """``test_dataloader()`` returns ``[generated, real]`` loaders of :func:`collate_records`
-    batches. ``generated`` is a shard pattern or a folder of images named by sample key."""
+    batches. ``generated`` is a shard pattern or a folder of images named by sample key, whose
+    conditions are read from ``conditions`` (default: ``real``); ``keys`` restricts both the
+    real samples and the conditions to a subset."""
 
     def __init__(
         self,
         generated: str,
-        real: str,
+        real: str | Sequence[str],
         resolution: int = 512,
         batch_size: int = 8,
         num_workers: int = 0,
+        fit: Fit = "stretch",
+        keys: Sequence[str] | None = None,
+        hand_crops: HandCropConfig | dict | None = None,
+        conditions: str | Sequence[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(logger=False, ignore=["keys"])
         self.real_urls = expand_shards(real)
-        check_shards(self.real_urls)
+        self.condition_urls = expand_shards(conditions) if conditions else self.real_urls
+        check_shards(self.real_urls + self.condition_urls)
         self.folder = os.path.isdir(generated)
         if self.folder:
             self.generated_files = sorted(
@@ -142,13 +219,17 @@ class EvaluationDataModule(L.LightningDataModule):
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.fit = fit
+        self.keys = frozenset(keys) if keys is not None else None
+        if hand_crops is not None and not isinstance(hand_crops, HandCropConfig):
+            hand_crops = HandCropConfig(**hand_crops)
+        self.hand_crops = hand_crops
 
-    def _shard_loader(self, urls: list[str], what: str) -> DataLoader:
+    def _shard_loader(self, urls: list[str], what: str, keys: frozenset[str] | None) -> DataLoader:
         world = self.trainer.world_size if self.trainer else 1
         check_split(urls, world, self.num_workers, what)
-        pipeline = sample_pipeline(
-            urls, _ShardRecords(self.resolution), seed=0, shuffle=False, resampled=False
-        )
+        records = _ShardRecords(self.resolution, self.fit, keys, self.hand_crops)
+        pipeline = sample_pipeline(urls, records, seed=0, shuffle=False, resampled=False)
         return self._loader(pipeline)
 
     def _loader(self, dataset) -> DataLoader:
@@ -161,16 +242,18 @@ class EvaluationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         if self.folder:
-            conditions = read_conditions(self.real_urls)
+            conditions = read_conditions(
+                self.condition_urls, self.resolution, self.fit, self.keys, self.hand_crops
+            )
             missing = [f for f in self.generated_files if Path(f).stem not in conditions]
             if missing:
                 raise KeyError(
-                    f"{len(missing)} generated image(s) have no real sample with "
-                    f"their key, e.g. {missing[0]!r}"
+                    f"{len(missing)} generated image(s) have no sample with their key in "
+                    f"{self.condition_urls[0]}..., e.g. {missing[0]!r}"
                 )
             generated = self._loader(
                 FolderRecords(self.generated_files, conditions, self.resolution)
             )
         else:
-            generated = self._shard_loader(self.generated_urls, "generated")
-        return [generated, self._shard_loader(self.real_urls, "real")]
+            generated = self._shard_loader(self.generated_urls, "generated", None)
+        return [generated, self._shard_loader(self.real_urls, "real", self.keys)]

@@ -15,10 +15,13 @@ from datamodules.shard_datamodule import ExampleFn, ShardDataModule
 def hand_examples(
     sample: Sample, augment: bool, rng: random.Random, config: HandCropConfig
 ) -> Iterator[dict]:
-    """One crop per visible hand; no flips for validation data."""
+    """One crop per visible hand (``hand_key`` = ``<key>_hand<n>``); no flips for validation
+    data."""
     config = config if augment else replace(config, flip_prob=0.0)
-    for keypoints, is_right in visible_hands(sample, config):
-        yield hand_crop(sample, keypoints, is_right, config, rng)
+    for n, (keypoints, is_right) in enumerate(visible_hands(sample, config)):
+        example = hand_crop(sample, keypoints, is_right, config, rng)
+        example["hand_key"] = f"{sample.key}_hand{n}"
+        yield example
 
 
 class HandDataModule(ShardDataModule):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.full_body_datamodule import letterbox
+from datamodules.hand_crops import HandCropConfig
+from datamodules.hand_datamodule import hand_examples
 from datamodules.schema import Sample
 from datamodules.shards import (
     SkipCounter,
@@ -18,23 +23,59 @@ from datamodules.shards import (
 )
 
 
+def wanted(key: str, keys: frozenset[str] | None, done_dir: Path | None) -> bool:
+    """In the selected ``keys`` (all when None) and not yet written as ``<done_dir>/<key>.png``."""
+    if keys is not None and key not in keys:
+        return False
+    return done_dir is None or not (done_dir / f"{key}.png").is_file()
+
+
 class _PoseRecords:
-    def __init__(self, resolution: int):
+    def __init__(
+        self,
+        resolution: int,
+        keys: frozenset[str] | None,
+        done_dir: Path | None,
+        hand_crops: HandCropConfig | None,
+    ):
         self.resolution = resolution
+        self.keys = keys
+        self.done_dir = done_dir
+        self.hand_crops = hand_crops
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
         for sample in samples:
-            _, _, people = letterbox(sample, self.resolution)
-            yield {"key": sample.key, "people": people, "caption": sample.caption}
+            if self.keys is not None and sample.key not in self.keys:
+                continue
+            if self.hand_crops is None:
+                if wanted(sample.key, None, self.done_dir):
+                    _, _, people = letterbox(sample, self.resolution)
+                    yield {"key": sample.key, "people": people, "caption": sample.caption}
+                continue
+            for crop in hand_examples(sample, False, random.Random(0), self.hand_crops):
+                if wanted(crop["hand_key"], None, self.done_dir):
+                    yield {"key": crop["hand_key"], "pose_image": crop["pose_image"],
+                           "caption": crop["caption"]}  # fmt: skip
 
 
 def collate_poses(records: list[dict]) -> dict:
-    return {k: [r[k] for r in records] for k in ("key", "people", "caption")}
+    """Lists per field; tensors (hand skeletons) stacked."""
+    return {
+        k: torch.stack(v) if isinstance(v[0], torch.Tensor) else v
+        for k in records[0]
+        for v in [[r[k] for r in records]]
+    }
 
 
 class PoseDataModule(L.LightningDataModule):
     """``predict_dataloader()``: batches of ``{"key", "people", "caption"}`` lists, the people
-    letterboxed to ``resolution`` x ``resolution`` pixels (as the outpainter was trained)."""
+    letterboxed to ``resolution`` x ``resolution`` pixels (as the outpainter was trained); with
+    ``hand_crops``, one ``{"key": "<key>_hand<n>", "pose_image" [3, r, r], "caption"}`` per
+    visible hand, cut as the hand generator's training crops (no flips).
+
+    ``keys`` restricts it to those samples (an evaluation subset); with ``skip_done`` a sample
+    whose ``<skip_done>/<key>.png`` exists is left out, so an interrupted generation resumes.
+    """
 
     def __init__(
         self,
@@ -42,10 +83,18 @@ class PoseDataModule(L.LightningDataModule):
         resolution: int = 512,
         batch_size: int = 4,
         num_workers: int = 0,
+        keys: Sequence[str] | None = None,
+        skip_done: str | None = None,
+        hand_crops: HandCropConfig | dict | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards)
         check_shards(self.urls)
+        self.keys = frozenset(keys) if keys is not None else None
+        self.skip_done = Path(skip_done) if skip_done else None
+        if hand_crops is not None and not isinstance(hand_crops, HandCropConfig):
+            hand_crops = HandCropConfig(**hand_crops)
+        self.hand_crops = hand_crops
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -54,7 +103,11 @@ class PoseDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         check_split(self.urls, world, self.num_workers, "shards")
         pipeline = sample_pipeline(
-            self.urls, _PoseRecords(self.resolution), seed=0, shuffle=False, resampled=False
+            self.urls,
+            _PoseRecords(self.resolution, self.keys, self.skip_done, self.hand_crops),
+            seed=0,
+            shuffle=False,
+            resampled=False,
         )
         return DataLoader(
             pipeline,

@@ -22,18 +22,50 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TOP_LEVEL_KEYS = {
-    "name": "run name: logs/<name>/ holds its TensorBoard runs and checkpoints",
-    "seed": "global seed (lightning.seed_everything, data shuffling)",
-    "ckpt_path": "checkpoint to resume from: a path, 'last', or null",
-    "export_dir": "where `export` writes the diffusers-format model",
-    "model": "target/params of the LightningModule",
-    "data": "target/params of the LightningDataModule",
-    "trainer": "keyword arguments of lightning.Trainer",
-    "logger": "target/params of the logger",
-    "callbacks": "name -> target/params (null disables one)",
-}
-REQUIRED_KEYS = ("name", "model", "data", "trainer")
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """What a kind of config holds at its top level, and how each section is checked."""
+
+    keys: dict[str, str]  # key -> what it is
+    required: tuple[str, ...]
+    targets: tuple[str, ...] = ()  # sections holding one target/params
+    target_maps: tuple[str, ...] = ()  # sections holding name -> target/params (null disables)
+    typed: tuple[tuple[str, str], ...] = ()  # (section, "module.Dataclass") checked by fields
+
+
+EXPERIMENT = Schema(
+    keys={
+        "name": "run name: logs/<name>/ holds its TensorBoard runs and checkpoints",
+        "seed": "global seed (lightning.seed_everything, data shuffling)",
+        "ckpt_path": "checkpoint to resume from: a path, 'last', or null",
+        "export_dir": "where `export` writes the diffusers-format model",
+        "model": "target/params of the LightningModule",
+        "data": "target/params of the LightningDataModule",
+        "trainer": "keyword arguments of lightning.Trainer",
+        "logger": "target/params of the logger",
+        "callbacks": "name -> target/params (null disables one)",
+    },
+    required=("name", "model", "data", "trainer"),
+    targets=("model", "data", "logger"),
+    target_maps=("callbacks",),
+)
+EVALUATION = Schema(
+    keys={
+        "name": "evaluation name: results/<name>/ and logs/<name>/ hold its outputs",
+        "seed": "sampling seed of every method (each image: seed + a hash of its key)",
+        "eval_set": "the poses, prompts and real images (experiments.evaluate.EvalSet)",
+        "methods": "method name -> target/params of its predictor (null leaves one out)",
+        "metrics": "target/params of the Evaluator that scores every method",
+        "train_overrides": "key=value overrides for methods trained on the fly",
+        "trainer": "keyword arguments of lightning.Trainer (generation and scoring)",
+        "logger": "target/params of the TensorBoard logger (one run per method)",
+    },
+    required=("name", "eval_set", "methods", "metrics", "trainer"),
+    targets=("metrics", "logger"),
+    target_maps=("methods",),
+    typed=(("eval_set", "experiments.evaluate.EvalSet"),),
+)
 COMMAND_LINE = "command line"
 
 
@@ -90,9 +122,11 @@ def _display(path: Path) -> str:
 
 
 def load_config(
-    paths: list[str | Path], overrides: list[str] = ()
+    paths: list[str | Path], overrides: list[str] = (), schema: Schema | None = None
 ) -> tuple[DictConfig, Provenance]:
-    """Merge config files and ``key=value`` overrides, then validate (raises ConfigError).
+    """Merge config files and ``key=value`` overrides, then validate (raises ConfigError)
+    against ``schema`` (default: :data:`EVALUATION` when the config lists ``methods``, else
+    :data:`EXPERIMENT`).
 
     Returns the merged config and where each key was set.
     """
@@ -109,11 +143,13 @@ def load_config(
         for key in _leaves(OmegaConf.to_container(cfg, resolve=False)):
             provenance[key] = name
     merged = OmegaConf.merge(*[cfg for _, cfg in sources]) if sources else OmegaConf.create()
-    validate(merged, provenance)
+    if schema is None:
+        schema = EVALUATION if "methods" in merged else EXPERIMENT
+    validate(merged, provenance, schema)
     return merged, provenance
 
 
-def validate(cfg: DictConfig, provenance: Provenance) -> None:
+def validate(cfg: DictConfig, provenance: Provenance, schema: Schema = EXPERIMENT) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -126,17 +162,20 @@ def validate(cfg: DictConfig, provenance: Provenance) -> None:
         key = getattr(exc, "full_key", "?")
         raise ConfigError(f"{key} (in {provenance.where(str(key))}): {exc}") from None
     for key in container:
-        if key not in TOP_LEVEL_KEYS:
-            _unknown(str(key), TOP_LEVEL_KEYS, provenance, "a config's top level")
-    for key in REQUIRED_KEYS:
+        if key not in schema.keys:
+            _unknown(str(key), schema.keys, provenance, "a config's top level")
+    for key in schema.required:
         if container.get(key) is None:
-            raise ConfigError(f"missing required key '{key}' ({TOP_LEVEL_KEYS[key]})")
-    for key in ("model", "data", "logger"):
+            raise ConfigError(f"missing required key '{key}' ({schema.keys[key]})")
+    for key in schema.targets:
         if container.get(key) is not None:
             check_target(key, container[key], provenance)
-    for name, node in (container.get("callbacks") or {}).items():
-        if node is not None:
-            check_target(f"callbacks.{name}", node, provenance)
+    for section in schema.target_maps:
+        for name, node in (container.get(section) or {}).items():
+            if node is not None:
+                check_target(f"{section}.{name}", node, provenance)
+    for section, dataclass_name in schema.typed:
+        check_kwargs(import_target(dataclass_name), container[section], section, provenance)
     trainer = container["trainer"]
     if not isinstance(trainer, dict):
         raise ConfigError(f"trainer (in {provenance.where('trainer')}) must be a mapping")

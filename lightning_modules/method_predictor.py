@@ -1,20 +1,28 @@
-"""``trainer.predict`` for single-stage methods (HumanSD, the ControlNet baseline, plain SD):
-poses and prompts in, one image per sample key out."""
+"""``trainer.predict`` for single-model methods: full-body generators (HumanSD, the ControlNet
+baseline, plain SD) and the stage-1 hand generator on its own."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict
 
 import lightning as L
 import torch
-from torchvision.utils import save_image
 
 from datamodules.full_body_datamodule import FullBodyConfig
+from datamodules.hand_crops import HandCropConfig
+from datamodules.pose_datamodule import PoseDataModule
 from datamodules.rendering import render_full_skeleton
-from lightning_modules.two_stage_pipeline import seeds_for
+from lightning_modules.predictor import GenerationPredictor
 
 
-class MethodPredictor(L.LightningModule):
+def _load(config: str, ckpt: str | None):
+    from experiments.run import load_module  # the CLI module imports the lightning modules
+
+    return load_module(config, ckpt)
+
+
+class MethodPredictor(GenerationPredictor):
     """Loads a method from its experiment ``config`` (and ``ckpt``: a file, ``last``, or None
     for the weights the config names, e.g. plain SD from ``pretrained``), renders each pose as
     that config's datamodule renders skeletons, and writes ``<out_dir>/<key>.png``. Seeds are
@@ -29,15 +37,12 @@ class MethodPredictor(L.LightningModule):
         guidance_scale: float | None = None,
         seed: int = 0,
     ):
-        super().__init__()
-        from experiments.run import load_module
-
-        self.method, method_cfg = load_module(config, ckpt)
+        super().__init__(out_dir, seed)
+        self.method, method_cfg = _load(config, ckpt)
         self.body = FullBodyConfig(**(method_cfg["data"]["params"].get("body") or {}))
-        self.out_dir = Path(out_dir)
+        self.resolution = self.body.resolution
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.seed = seed
 
     def pose_images(self, people: list) -> torch.Tensor:
         res, b = self.body.resolution, self.body
@@ -50,14 +55,60 @@ class MethodPredictor(L.LightningModule):
         ])  # fmt: skip
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
-        generators = [torch.Generator().manual_seed(s) for s in seeds_for(batch["key"], self.seed)]
-        images = self.method.sample(
-            self.pose_images(batch["people"]),
-            batch["caption"],
-            generator=generators,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-        )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.timed(len(batch["key"])):
+            images = self.method.sample(
+                self.pose_images(batch["people"]),
+                batch["caption"],
+                generator=self.generators(batch["key"]),
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+            )
         for key, image in zip(batch["key"], images, strict=True):
-            save_image(image, self.out_dir / f"{key}.png")
+            self.write(key, image)
+
+
+class HandPredictor(GenerationPredictor):
+    """The hand generator alone: one crop per visible hand of each sample, cut as the
+    generator's training crops were (its config's ``crop`` settings, no flips), written as
+    ``<out_dir>/<key>_hand<n>.png`` with the predicted mask in ``<out_dir>/masks/``. Scored on
+    hand crops: FID/KID, CLIPSIM and hand pose accuracy (no body metrics)."""
+
+    def __init__(
+        self,
+        config: str,
+        ckpt: str | None = "last",
+        out_dir: str = "results/hands",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(out_dir, seed)
+        self.method, method_cfg = _load(config, ckpt)
+        self.crop = HandCropConfig(**(method_cfg["data"]["params"].get("crop") or {}))
+        self.resolution = self.crop.resolution
+        self.scoring_data = {"hand_crops": asdict(self.crop)}
+        self.scoring_metrics = {"body_estimator": None}
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+
+    def prediction_datamodule(
+        self, shards: str | Sequence[str], keys: Sequence[str] | None, batch_size: int,
+        num_workers: int = 0,
+    ) -> L.LightningDataModule:  # fmt: skip
+        return PoseDataModule(
+            shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir), self.crop
+        )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        with self.timed(len(batch["key"])):
+            images, masks = self.method.sample(
+                batch["pose_image"].to(self.device),
+                batch["caption"],
+                generator=self.generators(batch["key"]),
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+            )
+        (self.out_dir / "masks").mkdir(exist_ok=True)
+        for key, image, mask in zip(batch["key"], images, masks, strict=True):
+            self.write(key, image)
+            self.write(f"masks/{key}", mask.expand(3, -1, -1))

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torchvision.utils import save_image
 
 from datamodules.canvas import align_hand, paste_hands
-from datamodules.evaluation_datamodule import stable_id
 from datamodules.full_body_datamodule import FullBodyConfig
 from datamodules.hand_crops import HandCropConfig, crop_box
 from datamodules.rendering import render_full_skeleton, render_hand_skeleton
@@ -22,11 +19,7 @@ from datamodules.schema import Person
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
-
-
-def seeds_for(keys: list[str], seed: int) -> list[int]:
-    """One seed per sample, from its key: the same on every rank, batch and run."""
-    return [(seed + stable_id(k)) % 2**31 for k in keys]
+from lightning_modules.predictor import GenerationPredictor, save_png, seeds_for
 
 
 @dataclass
@@ -174,13 +167,13 @@ class TwoStagePipeline:
         }  # fmt: skip
 
 
-class TwoStagePredictor(L.LightningModule):
+class TwoStagePredictor(GenerationPredictor):
     """``trainer.predict`` wrapper: loads both stages from their experiment configs and
     checkpoints (``last`` = the newest of the config's run), runs :class:`TwoStagePipeline` on
     :class:`~datamodules.pose_datamodule.PoseDataModule` batches and writes, per sample key,
     ``<out_dir>/<key>.png`` and ``<out_dir>/intermediate/<key>_{skeleton,canvas,hands}.png``,
-    plus one JSON line per image in ``<out_dir>/report-rank<r>.jsonl`` (no two ranks share a
-    file). The seed of an image is ``seed`` + a stable hash of its key."""
+    plus one JSON line per image appended to ``<out_dir>/report-rank<r>.jsonl`` (no two ranks
+    share a file). The seed of an image is ``seed`` + a stable hash of its key."""
 
     def __init__(
         self,
@@ -195,7 +188,7 @@ class TwoStagePredictor(L.LightningModule):
         blend: BlendConfig | dict | None = None,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(out_dir, seed)
         from experiments.run import load_module
 
         self.hand_generator, hand_cfg = load_module(hand_config, hand_ckpt)
@@ -214,22 +207,17 @@ class TwoStagePredictor(L.LightningModule):
             guidance_scale,
             blend,
         )
-        self.out_dir = Path(out_dir)
-        self.seed = seed
-
-    def on_predict_start(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"report-rank{self.global_rank}.jsonl").unlink(missing_ok=True)
+        self.resolution = body.resolution
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         seeds = seeds_for(batch["key"], self.seed)
-        out = self.pipeline(batch["people"], batch["caption"], seeds)
+        with self.timed(len(batch["key"])):
+            out = self.pipeline(batch["people"], batch["caption"], seeds)
         inter = self.out_dir / "intermediate"
         inter.mkdir(parents=True, exist_ok=True)
         report_file = self.out_dir / f"report-rank{self.global_rank}.jsonl"
         with report_file.open("a") as reports:
             for i, key in enumerate(batch["key"]):
-                save_image(out["images"][i], self.out_dir / f"{key}.png")
                 save_image(out["skeletons"][i], inter / f"{key}_skeleton.png")
                 save_image(out["canvases"][i], inter / f"{key}_canvas.png")
                 hands = [n for n, owner in enumerate(out["hand_owner"]) if owner == i]
@@ -251,3 +239,5 @@ class TwoStagePredictor(L.LightningModule):
                     **asdict(out["reports"][i]),
                 }
                 reports.write(json.dumps(record) + "\n")
+                # the image last: its presence marks the sample done for a resumed run
+                save_png(out["images"][i], self.out_dir / f"{key}.png")

@@ -27,11 +27,21 @@ from metrics.pose_ap import PoseAP
 COLUMNS = (
     ("fid", False, 1), ("kid_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
     ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("hand_ap", True, 100),
-    ("pck@0.2", True, 100), ("detection_rate", True, 100),
+    ("pck@0.2", True, 100), ("detection_rate", True, 100), ("seconds_per_image", False, 1),
 )  # fmt: skip
 
 MEDIAPIPE_BODY = {"target": "metrics.pose_estimators.MediaPipeBody", "params": {}}
 MEDIAPIPE_HANDS = {"target": "metrics.pose_estimators.MediaPipeHands", "params": {}}
+
+
+def format_value(value: float) -> str:
+    """Two decimals, as papers print them; three significant digits below 0.1 (tiny models
+    and random feature nets give small FIDs that two decimals would round to 0).
+
+    >>> format_value(12.345), format_value(0.0123456), format_value(0.0)
+    ('12.35', '0.0123', '0.00')
+    """
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.3g}"
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
@@ -45,7 +55,7 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     for method, values in rows.items():
         # COCOeval's -1 means "no ground truth in this area range": not a score
         cells = [
-            f"{values[k] * s:.2f}" if k in values and not (s == 100 and values[k] < 0) else "–"
+            format_value(values[k] * s) if k in values and not (s == 100 and values[k] < 0) else "–"
             for k, _, s in present
         ]
         lines.append("| " + " | ".join([method, *cells]) + " |")
@@ -94,6 +104,7 @@ class Evaluator(L.LightningModule):
         self.hand_estimator = instantiate(hand_estimator) if hand_estimator else None
         self.pose = PoseAP(kind="body")
         self.hands = HandPoseAccuracy()
+        self.results: dict[str, float] = {}  # of the last test run, on every rank
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         images = batch["image"]
@@ -132,7 +143,7 @@ class Evaluator(L.LightningModule):
         return out
 
     def on_test_epoch_end(self) -> None:
-        results = self.compute_results()
+        results = self.results = self.compute_results()
         self.log_dict({f"eval/{k}": v for k, v in results.items()}, rank_zero_only=True)
         if self.trainer.is_global_zero:
             self.write_results(results)

@@ -1,0 +1,303 @@
+"""The evaluation harness: every method of a config on the same poses, prompts and seeds.
+
+    python -m experiments.evaluate experiments/eval/tiny.yaml [key=value ...]
+    make eval [CONFIG=experiments/eval/<name>.yaml]     make ablations
+
+For an evaluation config (see ``experiments/eval/tiny.yaml``):
+
+1. methods whose checkpoint is ``last`` and missing are trained first, with their own config
+   plus ``train_overrides`` (in the launching process only; a multi-process launch by torchrun
+   or SLURM must find them trained);
+2. a fixed subset of the evaluation set is chosen (``eval_set.subset`` keys, smallest seeded
+   hash; saved as ``results/<name>/subset.json``);
+3. each method generates with ``trainer.predict``: every rank a disjoint part of the subset,
+   images written to ``results/<name>/<method>/images/<key>.png``; a rerun skips the images
+   that exist, so an interrupted evaluation resumes;
+4. each method is scored by the ``metrics`` Evaluator (only metric states cross ranks) and
+   logged to its own TensorBoard run ``logs/<name>/<method>`` with scalars and ``hparams``;
+5. rank 0 writes ``results/<name>/results.{json,md,csv}`` (methods x metrics) and a
+   side-by-side grid (skeleton | real | each method) to ``comparison.png`` and TensorBoard.
+
+Several GPUs: ``trainer.devices=N trainer.strategy=ddp``; torchrun or SLURM: see the README.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+
+from datamodules.evaluation_datamodule import EvaluationDataModule, select_subset
+from datamodules.full_body_datamodule import FullBodyConfig, letterbox
+from datamodules.rendering import render_full_skeleton
+from datamodules.schema import decode_sample
+from datamodules.shards import expand_shards
+from experiments.config import EVALUATION, ConfigError, flatten, import_target, instantiate
+from experiments.config import load_config as _load_config
+from experiments.run import find_last_checkpoint
+from experiments.run import main as run_main
+from lightning_modules.predictor import read_timings
+from metrics.evaluation import COLUMNS, markdown_table
+
+log = logging.getLogger("handdiff")
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """The evaluation set: schema shards with the poses, prompts and real images."""
+
+    shards: str | list[str]
+    real: str | list[str] | None = None  # FID/KID reference; None: the subset's own images
+    subset: int | None = None  # number of samples (None: all), chosen by seeded key hash
+    subset_seed: int = 0
+    resolution: int = 512  # square, letterboxed, every method's images are scored at
+    batch_size: int = 8
+    num_workers: int = 0
+    grid_size: int = 4  # poses in the side-by-side comparison grid
+
+
+def load_config(files: list[str], overrides: list[str] = ()):
+    cfg, provenance = _load_config(files, overrides, schema=EVALUATION)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for method, node in (container["methods"] or {}).items():
+        for key in ("out_dir", "seed"):
+            if key in (node or {}).get("params", {}):
+                where = provenance.where(f"methods.{method}.params.{key}")
+                raise ConfigError(
+                    f"methods.{method}.params.{key} (in {where}) is set by the harness: "
+                    f"images go to results/<name>/{method}/images, the seed is the top-level one"
+                )
+    return container
+
+
+def required_training(node: dict) -> list[str]:
+    """The experiment configs a method loads with ``ckpt: last`` (``config``/``ckpt``,
+    ``hand_config``/``hand_ckpt``, ...): those must have been trained."""
+    params = node.get("params") or {}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(import_target(node["target"])).parameters.items()
+    }
+    needed = []
+    for key, value in params.items():
+        if key.endswith("config") and isinstance(value, str):
+            ckpt_key = key[: -len("config")] + "ckpt"
+            if params.get(ckpt_key, defaults.get(ckpt_key)) == "last":
+                needed.append(value)
+    return needed
+
+
+def ensure_trained(methods: dict[str, dict], train_overrides: Sequence[str]) -> None:
+    """Train (in this process) every required config that has no checkpoint yet."""
+    pending = []
+    for node in methods.values():
+        for config in required_training(node):
+            container = OmegaConf.to_container(_load_config([config], train_overrides)[0])
+            if find_last_checkpoint(container) is None and config not in pending:
+                pending.append(config)
+    if not pending:
+        return
+    if "WORLD_SIZE" in os.environ or rank_zero_only.rank != 0:
+        raise ConfigError(
+            f"no checkpoint for {pending}: train them before a multi-process launch "
+            f"(python -m experiments.run fit CONFIG, or one single-process `make eval` run)"
+        )
+    for config in pending:
+        log.info("training %s (no checkpoint yet)", config)
+        run_main(["fit", config, *train_overrides])
+
+
+def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
+    """The evaluation subset, chosen once and kept in ``out/subset.json``; a later run with
+    other subset settings is refused rather than mixing images of two subsets."""
+    file = out / "subset.json"
+    settings = {"shards": eval_set.shards, "subset": eval_set.subset, "seed": eval_set.subset_seed}
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if saved["settings"] != settings:
+            raise ConfigError(
+                f"{file} was chosen with {saved['settings']}, not {settings}: use another "
+                "evaluation name or delete the results folder"
+            )
+        return saved["keys"]
+    keys = select_subset(expand_shards(eval_set.shards), eval_set.subset, eval_set.subset_seed)
+    if not keys:
+        raise ConfigError(f"eval_set.shards={eval_set.shards!r}: no valid sample")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"settings": settings, "keys": keys}, indent=1))
+    os.replace(tmp, file)  # ranks started together write the same content
+    return keys
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def evaluate_method(
+    method: str, node: dict, container: dict, eval_set: EvalSet, keys: list[str], out: Path
+) -> tuple[dict[str, float], bool]:
+    """Generate the subset with one method (resumable), then score it; returns its row and
+    whether it generates whole images (not hand crops)."""
+    images = out / method / "images"
+    predictor = instantiate(node, out_dir=str(images), seed=container.get("seed", 0))
+    trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
+    data = predictor.prediction_datamodule(
+        eval_set.shards, keys, eval_set.batch_size, eval_set.num_workers
+    )
+    trainer.predict(predictor, datamodule=data, return_predictions=False)
+    _barrier()  # every rank's images are on disk before any rank lists the folder
+    scoring_data, scoring_metrics = predictor.scoring_data, predictor.scoring_metrics
+    del predictor, trainer
+    metrics = container["metrics"]
+    params = {**(metrics.get("params") or {}), **scoring_metrics}
+    params.update(results_dir=str(out / method), method=method)
+    evaluator = instantiate({"target": metrics["target"], "params": params})
+    datamodule = EvaluationDataModule(
+        generated=str(images),
+        real=eval_set.real or eval_set.shards,
+        resolution=eval_set.resolution,
+        batch_size=eval_set.batch_size,
+        num_workers=eval_set.num_workers,
+        keys=None if eval_set.real else keys,
+        conditions=eval_set.shards,
+        **scoring_data,
+    )
+    logger = _logger(container, method)
+    trainer = L.Trainer(**container["trainer"], logger=logger, enable_checkpointing=False)
+    trainer.test(evaluator, datamodule=datamodule)
+    row = {**evaluator.results, **read_timings(images)}
+    if logger:
+        table_keys = {c[0] for c in COLUMNS}
+        logger.log_hyperparams(
+            flatten({"method": method, **node}),
+            {f"hparams/{k}": v for k, v in row.items() if k in table_keys},
+        )
+    return row, "hand_crops" not in scoring_data
+
+
+def _logger(container: dict, version: str) -> TensorBoardLogger | None:
+    node = container.get("logger")
+    if not node:
+        return None
+    params = {**(node.get("params") or {}), "name": container["name"], "version": version}
+    return instantiate({"target": node["target"], "params": params})
+
+
+def comparison_grid(
+    eval_set: EvalSet, keys: list[str], out: Path, methods: list[str]
+) -> torch.Tensor | None:
+    """Rows: the first ``grid_size`` subset poses; columns: skeleton | real | each method."""
+    wanted = keys[: eval_set.grid_size]
+    raw = wds.DataPipeline(
+        wds.SimpleShardList(expand_shards(eval_set.shards)), wds.tarfile_to_samples()
+    )
+    samples = {}
+    for sample in raw:
+        if sample["__key__"] in wanted:
+            samples[sample["__key__"]] = decode_sample(sample)
+    res, body = eval_set.resolution, FullBodyConfig(resolution=eval_set.resolution)
+    tiles = []
+    for key in wanted:
+        pixels, _, people = letterbox(samples[key], res)
+        skeleton = render_full_skeleton(
+            people, (res, res), body.body_line_width, body.hand_line_width
+        )
+        row = [skeleton, pixels]
+        for method in methods:
+            path = out / method / "images" / f"{key}.png"
+            image = _read_square(path, res) if path.is_file() else pixels * 0
+            row.append(image)
+        tiles += [torch.from_numpy(t.copy()).permute(2, 0, 1).float() / 255 for t in row]
+    if not tiles:
+        return None
+    return make_grid(tiles, nrow=2 + len(methods), padding=2, pad_value=1.0)
+
+
+def _read_square(path: Path, resolution: int) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
+
+
+def write_tables(name: str, rows: dict[str, dict], out: Path, extra: dict) -> None:
+    """``results.json`` (every value and setting), ``results.md`` (the paper table) and
+    ``results.csv`` (raw values, one row per method)."""
+    record = {"name": name, **extra, "methods": rows}
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    (out / "results.md").write_text(f"## {name}\n\n" + markdown_table(rows))
+    columns = [c[0] for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    columns += ["n_generated", "n_real"]
+    with (out / "results.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["method", *columns])
+        for method, row in rows.items():
+            writer.writerow([method, *(row.get(c, "") for c in columns)])
+
+
+def evaluate(container: dict) -> dict[str, dict]:
+    """Run a loaded evaluation config; returns method -> results (on every rank)."""
+    name = container["name"]
+    eval_set = EvalSet(**container["eval_set"])
+    methods = {m: node for m, node in container["methods"].items() if node is not None}
+    out = Path("results") / name
+    L.seed_everything(container.get("seed", 0), workers=True)
+    ensure_trained(methods, container.get("train_overrides") or [])
+    keys = subset_keys(eval_set, out)
+    rows, whole_images = {}, []
+    for method, node in methods.items():
+        log.info("evaluating %s on %d poses", method, len(keys))
+        rows[method], whole = evaluate_method(method, node, container, eval_set, keys, out)
+        if whole:
+            whole_images.append(method)
+    if rank_zero_only.rank == 0:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        extra = {"eval_set": dataclasses.asdict(eval_set), "subset_size": len(keys),
+                 "seed": container.get("seed", 0), "world_size": world,
+                 "methods_config": methods}  # fmt: skip
+        write_tables(name, rows, out, extra)
+        grid = comparison_grid(eval_set, keys, out, whole_images)
+        if grid is not None:
+            save_image(grid, out / "comparison.png")
+            logger = _logger(container, "comparison")
+            if logger:
+                columns = " | ".join(["skeleton", "real", *whole_images])
+                logger.experiment.add_image(f"comparison/{columns}", grid, 0)
+                logger.finalize("success")
+        print((out / "results.md").read_text())
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if not files:
+        raise SystemExit("usage: python -m experiments.evaluate CONFIG.yaml [key=value ...]")
+    try:
+        container = load_config(files, overrides)
+        return evaluate(container)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What every generating method shares under ``trainer.predict``: per-key seeds, resumable image
+files, timing records, and the data and scoring settings the evaluation harness asks for."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchvision.utils import save_image
+
+from datamodules.evaluation_datamodule import stable_id
+from datamodules.pose_datamodule import PoseDataModule
+from metrics.inference_timer import InferenceTimer
+
+
+def seeds_for(keys: list[str], seed: int) -> list[int]:
+    """One seed per sample, from its key: the same on every rank, batch and run."""
+    return [(seed + stable_id(k)) % 2**31 for k in keys]
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """``image`` ``[3, H, W]`` in [0, 1] to ``path``, written whole or not at all (a killed run
+    leaves no truncated file for a resumed one to trust)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_image(image, tmp, format="png")
+    os.replace(tmp, path)
+
+
+class GenerationPredictor(L.LightningModule):
+    """Base of the predictors: writes ``<out_dir>/<key>.png`` and, per batch, the seconds per
+    image to ``<out_dir>/timing-rank<r>.jsonl`` (appended, so resumed runs keep the record;
+    the first batch of each run is marked ``warmup``).
+
+    Subclasses set ``self.resolution`` (the square they generate at) and implement
+    :meth:`predict_step`, timing the sampling call with :meth:`timed`.
+    """
+
+    def __init__(self, out_dir: str, seed: int):
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.seed = seed
+        self.resolution = 512
+        # keyword arguments of EvaluationDataModule and of the Evaluator to score this method
+        self.scoring_data: dict = {"fit": "letterbox"}
+        self.scoring_metrics: dict = {}
+        self._timer = InferenceTimer(warmup=0)
+        self._timed_batches = 0
+
+    def prediction_datamodule(
+        self, shards: str | Sequence[str], keys: Sequence[str] | None, batch_size: int,
+        num_workers: int = 0,
+    ) -> L.LightningDataModule:  # fmt: skip
+        """The poses to generate from, leaving out those already written."""
+        return PoseDataModule(
+            shards, self.resolution, batch_size, num_workers, keys, skip_done=str(self.out_dir)
+        )
+
+    def on_predict_start(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._timed_batches = 0
+
+    @contextlib.contextmanager
+    def timed(self, num_images: int):
+        """Time one sampling call (CUDA-synchronised) and append it to the timing file."""
+        with self._timer.measure(num_images):
+            yield
+        record = {
+            "seconds_per_image": float(self._timer.seconds_per_image[-1]),
+            "images": num_images,
+            "warmup": self._timed_batches == 0,
+            "device": str(self.device),
+        }
+        self._timed_batches += 1
+        with (self.out_dir / f"timing-rank{self.global_rank}.jsonl").open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def generators(self, keys: list[str]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds_for(keys, self.seed)]
+
+    def write(self, key: str, image: torch.Tensor) -> None:
+        save_png(image, self.out_dir / f"{key}.png")
+
+
+def read_timings(folder: str | os.PathLike) -> dict[str, float]:
+    """Median and 90th percentile seconds per image over the non-warm-up batches of every rank
+    (all batches when each run had only one), and the number of images timed."""
+    records = [
+        json.loads(line)
+        for file in sorted(Path(folder).glob("timing-rank*.jsonl"))
+        for line in file.read_text().splitlines()
+        if line.strip()
+    ]
+    if not records:
+        return {}
+    kept = [r for r in records if not r["warmup"]] or records
+    values = torch.tensor([r["seconds_per_image"] for r in kept], dtype=torch.float64)
+    return {
+        "seconds_per_image": float(values.median()),
+        "seconds_per_image_p90": float(torch.quantile(values, 0.9)),
+        "images_timed": sum(r["images"] for r in kept),
+    }
