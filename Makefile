@@ -13,7 +13,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -79,6 +79,15 @@ lint: install ## ruff check + format check
 
 clean: ## remove logs, results, exports, synthetic data and caches (keeps .venv)
 	rm -rf logs data results exports .pytest_cache .ruff_cache
+
+# CONFIG given on the command line picks the evaluation; otherwise the tiny one
+EVAL_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),experiments/eval/tiny.yaml)
+
+eval: $(SYNTHETIC)/.done ## every method on the same poses/prompts/seeds -> results/<name>/ table + TensorBoard (CONFIG=experiments/eval/<name>.yaml, ARGS=...)
+	$(PY) -m experiments.evaluate $(EVAL_CONFIG) $(ARGS)
+
+ablations: $(SYNTHETIC)/.done ## every config of experiments/ablations/ (trains the tiny variants if missing)
+	for config in experiments/ablations/*.yaml; do $(PY) -m experiments.evaluate $$config $(ARGS) || exit 1; done
 
 eval-metrics: $(SYNTHETIC)/.done ## score generated vs real images (CONFIG_EVAL=..., ARGS="key=value ...")
 	$(PY) -m experiments.run eval $(CONFIG_EVAL) $(ARGS)

@@ -267,7 +267,8 @@ def evaluate(container: dict) -> dict[str, dict]:
         if whole:
             whole_images.append(method)
     if rank_zero_only.rank == 0:
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if dist else 1
         extra = {"eval_set": dataclasses.asdict(eval_set), "subset_size": len(keys),
                  "seed": container.get("seed", 0), "world_size": world,
                  "methods_config": methods}  # fmt: skip

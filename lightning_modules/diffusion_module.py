@@ -127,9 +127,9 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         )
         # Trained weights stay fp32 (fp16 weights cannot be unscaled); frozen ones need not.
         for name in self.frozen_modules:
-            module = getattr(self, name)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
+            # .to() of a module already in dtype is a no-op; any nn.Module works (a pose
+            # network for HumanSD's W has no diffusers-style .dtype)
+            getattr(self, name).to(dtype=dtype)
 
     def configure_model(self) -> None:
         if self.compile_unet and not getattr(self, "_compiled", False):

@@ -17,6 +17,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
+from metrics.dist_sync import EmptyRankSafeSync
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -113,7 +115,7 @@ class FID(FrechetInceptionDistance):
         self.antialias = antialias
 
 
-class KID(KernelInceptionDistance):
+class KID(EmptyRankSafeSync, KernelInceptionDistance):
     """Kernel Inception distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic
     polynomial kernel ``(x.y / d + 1)^3``, averaged over ``subsets`` random subsets of
     ``subset_size``; ``compute()`` returns ``(mean, std)``. Keeps the features (the metric

@@ -9,8 +9,10 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from metrics.dist_sync import EmptyRankSafeSync
 
-class InferenceTimer(Metric):
+
+class InferenceTimer(EmptyRankSafeSync, Metric):
     """Seconds per image of a sampling call: median and 90th percentile over calls.
 
     Use ``with timer.measure(num_images): images = sample(...)``. The first ``warmup`` calls

@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from metrics.dist_sync import EmptyRankSafeSync
 from metrics.keypoint_sigmas import SIGMAS
 
 STAT_NAMES = ("", "50", "75", "_m", "_l")  # COCOeval.stats[0..4]: AP, AP50, AP75, AP(m), AP(l)
@@ -134,7 +135,7 @@ def _stats(evaluator: COCOeval) -> np.ndarray:
     return evaluator.stats
 
 
-class PoseAP(Metric):
+class PoseAP(EmptyRankSafeSync, Metric):
     """COCO keypoint AP, HumanSD's CAP and PCE of detected poses against the given poses.
 
     ``update(preds, target, image_ids=None)``: one dict per image, ``preds[i] = {"keypoints":

@@ -31,6 +31,25 @@ class RandomConvFeatures(nn.Module):
         return self.net(nn.functional.interpolate(images, size=64, mode="bilinear", antialias=True))
 
 
+class RandomHeatmapNet(nn.Module):
+    """A fixed random conv net standing in for a pose network in tiny runs (HumanSD's
+    ``heatmap.source: network``): images ``[N, 3, H, W]`` in [0, 1] -> heatmaps
+    ``[N, joints, H/4, W/4]`` in [0, 1]."""
+
+    def __init__(self, joints: int = 17, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(16, joints, 3, stride=2, padding=1), nn.Sigmoid(),
+            )  # fmt: skip
+        self.requires_grad_(False).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
 def tiny_clip(seed: int = 0) -> CLIP:
     """An open_clip CLIP with ViT-B/16's tokenizer vocabulary, 32 px images, 16-d embeddings."""
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,227 @@
+"""The evaluation harness (`make eval`): every method end to end on tiny models, resuming,
+two-process DDP against one process, subset selection and config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules.evaluation_datamodule import select_subset
+from datamodules.shards import expand_shards
+from experiments.config import ConfigError
+from experiments.config import load_config as load_any_config
+from experiments.evaluate import evaluate, load_config, required_training
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("two_stage", "hand_generator", "humansd", "controlnet", "plain_sd")
+CONFIG_KEYS = {"two_stage": ("hand_config", "outpaint_config")}
+
+
+def _write_config(workdir: Path, synthetic_dir: Path) -> Path:
+    """experiments/eval/tiny.yaml on the test's synthetic shards, 8 poses, 2 sampling steps,
+    methods trained on the fly for 3 steps."""
+    methods = yaml.safe_load((ROOT / "experiments/eval/tiny.yaml").read_text())["methods"]
+    for name, node in methods.items():
+        node["params"]["num_inference_steps"] = 2
+        for key in CONFIG_KEYS.get(name, ("config",)):
+            node["params"][key] = str(ROOT / node["params"][key])
+    config = {
+        "defaults": [str(ROOT / "experiments/eval/base/tiny.yaml")],
+        "name": "eval/test",
+        "eval_set": {"shards": f"{synthetic_dir}/val-*.tar", "subset": 8, "batch_size": 4},
+        "train_overrides": [
+            f"data.params.train_shards={synthetic_dir}/train-*.tar",
+            "data.params.val_shards=null",
+            "data.params.num_workers=0",
+            "trainer.max_steps=3",
+            "callbacks.images=null",
+        ],
+        "methods": methods,
+    }
+    path = workdir / "eval_test.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(synthetic_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("harness")
+    config = _write_config(workdir, synthetic_dir)
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        rows = evaluate(load_config([str(config)]))
+    finally:
+        os.chdir(cwd)
+    return workdir, config, rows
+
+
+def test_every_method_is_generated_scored_and_tabulated(evaluated):
+    workdir, _, rows = evaluated
+    out = workdir / "results/eval/test"
+    assert list(rows) == list(METHODS)
+    for method in METHODS:
+        row = rows[method]
+        assert row["seconds_per_image"] > 0 and row["images_timed"] > 0
+        assert row["fid"] >= 0 and 0 <= row["clipsim"] <= 100 and 0 <= row["detection_rate"] <= 1
+        if method == "hand_generator":
+            assert "ap" not in row  # hand crops: no body metrics
+            crops = list((out / method / "images").glob("*_hand*.png"))
+            assert row["n_generated"] == row["n_real"] == len(crops) > 8
+        else:
+            assert "ap" in row and "cap" in row and "pce" in row
+            assert row["n_generated"] == row["n_real"] == 8
+            assert len(list((out / method / "images").glob("*.png"))) == 8
+    # the same 8 poses for every method: the saved subset
+    keys = json.loads((out / "subset.json").read_text())["keys"]
+    assert len(keys) == 8
+    assert {p.stem for p in (out / "humansd/images").glob("*.png")} == set(keys)
+    # tables: JSON with everything, Markdown with directions, CSV with raw values
+    record = json.loads((out / "results.json").read_text())
+    assert record["subset_size"] == 8 and record["world_size"] == 1
+    assert record["methods"]["humansd"] == pytest.approx(rows["humansd"])
+    table = (out / "results.md").read_text()
+    assert "| fid ↓ |" in table and "ap x100 ↑" in table and "seconds_per_image ↓" in table
+    assert [line.split(" | ")[0] for line in table.splitlines()[4:]] == [f"| {m}" for m in METHODS]
+    with (out / "results.csv").open() as file:
+        csv_rows = list(csv.DictReader(file))
+    assert [r["method"] for r in csv_rows] == list(METHODS)
+    assert float(csv_rows[2]["fid"]) == pytest.approx(rows["humansd"]["fid"])
+    # grid: 4 poses x (skeleton, real, 4 whole-image methods) at 128 px with 2 px padding
+    assert Image.open(out / "comparison.png").size == (6 * 130 + 2, 4 * 130 + 2)
+
+
+def test_tensorboard_has_a_run_per_method_with_scalars_and_hparams(evaluated):
+    workdir, _, rows = evaluated
+    for method in METHODS:
+        run = EventAccumulator(str(workdir / "logs/eval/test" / method)).Reload()
+        scalars = run.Tags()["scalars"]
+        assert "eval/fid" in scalars and "hparams/seconds_per_image" in scalars
+        fid = run.Scalars("eval/fid")[-1].value
+        assert fid == pytest.approx(rows[method]["fid"], rel=1e-5)
+        assert "_hparams_/session_start_info" in run.summary_metadata
+    grid = EventAccumulator(str(workdir / "logs/eval/test/comparison")).Reload()
+    assert grid.Tags()["images"] == ["comparison/skeleton | real | two_stage | humansd | "
+                                     "controlnet | plain_sd"]  # fmt: skip
+
+
+def test_a_rerun_resumes_and_regenerates_only_what_is_missing(evaluated, monkeypatch):
+    workdir, config, rows = evaluated
+    monkeypatch.chdir(workdir)
+    images = workdir / "results/eval/test/controlnet/images"
+    lost = sorted(images.glob("*.png"))[0]
+    before = np.asarray(Image.open(lost), dtype=float)
+    lost.unlink()
+    timing = images / "timing-rank0.jsonl"
+    lines = len(timing.read_text().splitlines())
+    again = evaluate(load_config([str(config)]))
+    # the same seed, the same image (up to 8-bit rounding: it is now batched alone)
+    assert np.abs(np.asarray(Image.open(lost), dtype=float) - before).max() <= 1
+    assert len(timing.read_text().splitlines()) == lines + 1  # one batch: the missing pose
+    humansd_timing = workdir / "results/eval/test/humansd/images/timing-rank0.jsonl"
+    assert len(humansd_timing.read_text().splitlines()) == 2  # untouched: 8 poses, 2 batches
+    for method in METHODS:
+        for key, value in rows[method].items():
+            if key.startswith(("fid", "kid")):
+                assert again[method][key] == pytest.approx(value, rel=1e-3), (method, key)
+            elif not key.startswith(("seconds_per_image", "images_timed")):
+                assert again[method][key] == pytest.approx(value, abs=1e-9), (method, key)
+    # another subset under the same name is refused instead of mixing images
+    with pytest.raises(ConfigError, match=r"subset\.json"):
+        evaluate(load_config([str(config)], ["eval_set.subset=4"]))
+
+
+def _cells(table: str) -> list[list[str]]:
+    """The Markdown table without its timing column (wall time differs between runs)."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    timing = rows[0].index("seconds_per_image ↓")
+    return [[c for n, c in enumerate(r) if n != timing] for r in rows]
+
+
+def test_two_process_ddp_writes_the_same_table(evaluated):
+    workdir, config, rows = evaluated
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "experiments.evaluate", str(config), "name=eval/test_ddp",
+           "trainer.strategy=ddp", "trainer.devices=2"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = (workdir / "results/eval/test/results.md").read_text()
+    two = (workdir / "results/eval/test_ddp/results.md").read_text()
+    assert _cells(two) == _cells(one)
+    ddp = json.loads((workdir / "results/eval/test_ddp/results.json").read_text())
+    assert ddp["world_size"] == 2
+    for method in METHODS:
+        # each rank timed its own batches; all 8 poses (or every crop) were generated once
+        images = workdir / "results/eval/test_ddp" / method / "images"
+        assert {p.name for p in images.glob("timing-rank*.jsonl")} == {
+            "timing-rank0.jsonl",
+            "timing-rank1.jsonl",
+        }
+        for key, value in rows[method].items():
+            if key.startswith(("fid", "kid")):
+                assert ddp["methods"][method][key] == pytest.approx(value, rel=1e-4), key
+            elif not key.startswith(("seconds_per_image", "images_timed")):
+                assert ddp["methods"][method][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_subset_is_fixed_by_seed_and_independent_of_shard_order(synthetic_dir):
+    urls = expand_shards(f"{synthetic_dir}/val-*.tar")
+    five = select_subset(urls, 5, seed=0)
+    assert len(five) == 5 and five == select_subset(urls[::-1], 5, seed=0)
+    assert select_subset(urls, 8, seed=0)[:5] == five  # a larger subset contains it
+    assert select_subset(urls, 5, seed=1) != five
+    assert sorted(select_subset(urls, None)) == sorted(select_subset(urls, 100))
+
+
+def test_methods_needing_training_and_config_errors(tmp_path):
+    cfg = load_config([str(ROOT / "experiments/eval/tiny.yaml")])
+    needs = {m: required_training(node) for m, node in cfg["methods"].items()}
+    assert needs["two_stage"] == ["experiments/hand/tiny.yaml", "experiments/outpaint/tiny.yaml"]
+    assert needs["humansd"] == ["experiments/humansd/tiny.yaml"] and needs["plain_sd"] == []
+    tiny = [str(ROOT / "experiments/eval/tiny.yaml")]
+    with pytest.raises(ConfigError, match=r"methods\.humansd\.params\.out_dir.*set by the harness"):
+        load_config(tiny, ["methods.humansd.params.out_dir=x"])
+    with pytest.raises(ConfigError, match=r"eval_set\.subsets.*did you mean 'subset'"):
+        load_config(tiny, ["eval_set.subsets=3"])
+    with pytest.raises(ConfigError, match=r"methods\.humansd\.params\.steps"):
+        load_config(tiny, ["methods.humansd.params.steps=3"])
+
+
+@pytest.mark.parametrize(
+    "variant, key, value",
+    [
+        ("hand_lambda0", "model.params.mask_loss_weight", 0.0),
+        ("hand_lambda5", "model.params.mask_loss_weight", 5.0),
+        ("hand_controlnet", "model.params.conditioning", "controlnet"),
+        ("humansd_lambda0", "model.params.heatmap.weight", 0.0),
+        ("humansd_lambda1", "model.params.heatmap.weight", 1.0),
+        ("humansd_network", "model.params.heatmap.source", "network"),
+    ],
+)
+def test_ablation_variants_change_one_thing(variant, key, value):
+    cfg, _ = load_any_config([ROOT / f"experiments/ablations/variants/{variant}.yaml"])
+    base = "hand" if variant.startswith("hand") else "humansd"
+    reference, _ = load_any_config([ROOT / f"experiments/{base}/tiny.yaml"])
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.select(cfg, key) == value != OmegaConf.select(reference, key)
+    assert cfg.name == f"ablations/{variant}"  # its own run, its own checkpoints
+
+
+def test_every_ablation_config_is_valid():
+    configs = sorted((ROOT / "experiments/ablations").glob("*.yaml"))
+    assert len(configs) == 4
+    for path in configs:
+        cfg = load_config([str(path)])
+        assert len(cfg["methods"]) >= 3 and cfg["name"] == f"ablations/{path.stem}"
