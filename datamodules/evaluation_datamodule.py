@@ -90,6 +90,12 @@ def to_record(
     }
 
 
+def read_resized(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """An image file as RGB ``[R, R, 3]`` uint8, resized (bicubic) to ``resolution``."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
+
+
 def units(
     sample: Sample, resolution: int, fit: Fit, hand_crops: HandCropConfig | None
 ) -> Iterator[tuple[str, np.ndarray, str, torch.Tensor, torch.Tensor]]:
@@ -160,9 +166,7 @@ class FolderRecords(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for path in wds.split_by_worker(wds.split_by_node(self.files)):
             key = Path(path).stem
-            with Image.open(path) as image:
-                pixels = image.convert("RGB").resize((self.resolution,) * 2, Image.BICUBIC)
-            yield to_record(key, np.asarray(pixels), *self.conditions[key])
+            yield to_record(key, read_resized(path, self.resolution), *self.conditions[key])
 
 
 def read_conditions(

@@ -23,10 +23,8 @@ from datamodules.shards import (
 )
 
 
-def wanted(key: str, keys: frozenset[str] | None, done_dir: Path | None) -> bool:
-    """In the selected ``keys`` (all when None) and not yet written as ``<done_dir>/<key>.png``."""
-    if keys is not None and key not in keys:
-        return False
+def not_done(key: str, done_dir: Path | None) -> bool:
+    """Whether ``<done_dir>/<key>.png`` is still to be written (always, without a folder)."""
     return done_dir is None or not (done_dir / f"{key}.png").is_file()
 
 
@@ -48,23 +46,23 @@ class _PoseRecords:
             if self.keys is not None and sample.key not in self.keys:
                 continue
             if self.hand_crops is None:
-                if wanted(sample.key, None, self.done_dir):
+                if not_done(sample.key, self.done_dir):
                     _, _, people = letterbox(sample, self.resolution)
                     yield {"key": sample.key, "people": people, "caption": sample.caption}
                 continue
             for crop in hand_examples(sample, False, random.Random(0), self.hand_crops):
-                if wanted(crop["hand_key"], None, self.done_dir):
+                if not_done(crop["hand_key"], self.done_dir):
                     yield {"key": crop["hand_key"], "pose_image": crop["pose_image"],
                            "caption": crop["caption"]}  # fmt: skip
 
 
 def collate_poses(records: list[dict]) -> dict:
     """Lists per field; tensors (hand skeletons) stacked."""
-    return {
-        k: torch.stack(v) if isinstance(v[0], torch.Tensor) else v
-        for k in records[0]
-        for v in [[r[k] for r in records]]
-    }
+    batch = {}
+    for field in records[0]:
+        values = [r[field] for r in records]
+        batch[field] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
 
 
 class PoseDataModule(L.LightningDataModule):

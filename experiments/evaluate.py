@@ -34,20 +34,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import webdataset as wds
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
-from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from datamodules.evaluation_datamodule import EvaluationDataModule, select_subset
+from datamodules.evaluation_datamodule import EvaluationDataModule, read_resized, select_subset
 from datamodules.full_body_datamodule import FullBodyConfig, letterbox
 from datamodules.rendering import render_full_skeleton
-from datamodules.schema import decode_sample
-from datamodules.shards import expand_shards
+from datamodules.shards import SkipCounter, expand_shards, validated_samples
 from experiments.config import EVALUATION, ConfigError, flatten, import_target, instantiate
 from experiments.config import load_config as _load_config
 from experiments.run import find_last_checkpoint
@@ -146,11 +143,6 @@ def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
     return keys
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def evaluate_method(
     method: str, node: dict, container: dict, eval_set: EvalSet, keys: list[str], out: Path
 ) -> tuple[dict[str, float], bool]:
@@ -163,7 +155,8 @@ def evaluate_method(
         eval_set.shards, keys, eval_set.batch_size, eval_set.num_workers
     )
     trainer.predict(predictor, datamodule=data, return_predictions=False)
-    _barrier()  # every rank's images are on disk before any rank lists the folder
+    # every rank's images are on disk before any rank lists the folder
+    trainer.strategy.barrier("generated")
     scoring_data, scoring_metrics = predictor.scoring_data, predictor.scoring_metrics
     del predictor, trainer
     metrics = container["metrics"]
@@ -209,10 +202,7 @@ def comparison_grid(
     raw = wds.DataPipeline(
         wds.SimpleShardList(expand_shards(eval_set.shards)), wds.tarfile_to_samples()
     )
-    samples = {}
-    for sample in raw:
-        if sample["__key__"] in wanted:
-            samples[sample["__key__"]] = decode_sample(sample)
+    samples = {s.key: s for s in validated_samples(raw, SkipCounter()) if s.key in wanted}
     res, body = eval_set.resolution, FullBodyConfig(resolution=eval_set.resolution)
     tiles = []
     for key in wanted:
@@ -223,17 +213,12 @@ def comparison_grid(
         row = [skeleton, pixels]
         for method in methods:
             path = out / method / "images" / f"{key}.png"
-            image = _read_square(path, res) if path.is_file() else pixels * 0
+            image = read_resized(path, res) if path.is_file() else pixels * 0
             row.append(image)
         tiles += [torch.from_numpy(t.copy()).permute(2, 0, 1).float() / 255 for t in row]
     if not tiles:
         return None
     return make_grid(tiles, nrow=2 + len(methods), padding=2, pad_value=1.0)
-
-
-def _read_square(path: Path, resolution: int) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
 
 
 def write_tables(name: str, rows: dict[str, dict], out: Path, extra: dict) -> None:

@@ -15,7 +15,7 @@ from torchvision.utils import save_image
 
 from datamodules.evaluation_datamodule import stable_id
 from datamodules.pose_datamodule import PoseDataModule
-from metrics.inference_timer import InferenceTimer
+from metrics.inference_timer import InferenceTimer, SynchronizedClock
 
 
 def seeds_for(keys: list[str], seed: int) -> list[int]:
@@ -32,9 +32,9 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 class GenerationPredictor(L.LightningModule):
-    """Base of the predictors: writes ``<out_dir>/<key>.png`` and, per batch, the seconds per
-    image to ``<out_dir>/timing-rank<r>.jsonl`` (appended, so resumed runs keep the record;
-    the first batch of each run is marked ``warmup``).
+    """Base of the predictors: writes ``<out_dir>/<key>.png`` and, per batch, the seconds and
+    number of images to ``<out_dir>/timing-rank<r>.jsonl`` (appended, so resumed runs keep the
+    record; the first batch of each run is marked ``warmup``).
 
     Subclasses set ``self.resolution`` (the square they generate at) and implement
     :meth:`predict_step`, timing the sampling call with :meth:`timed`.
@@ -48,7 +48,6 @@ class GenerationPredictor(L.LightningModule):
         # keyword arguments of EvaluationDataModule and of the Evaluator to score this method
         self.scoring_data: dict = {"fit": "letterbox"}
         self.scoring_metrics: dict = {}
-        self._timer = InferenceTimer(warmup=0)
         self._timed_batches = 0
 
     def prediction_datamodule(
@@ -67,10 +66,10 @@ class GenerationPredictor(L.LightningModule):
     @contextlib.contextmanager
     def timed(self, num_images: int):
         """Time one sampling call (CUDA-synchronised) and append it to the timing file."""
-        with self._timer.measure(num_images):
+        with SynchronizedClock() as clock:
             yield
         record = {
-            "seconds_per_image": float(self._timer.seconds_per_image[-1]),
+            "seconds": clock.seconds,
             "images": num_images,
             "warmup": self._timed_batches == 0,
             "device": str(self.device),
@@ -98,9 +97,13 @@ def read_timings(folder: str | os.PathLike) -> dict[str, float]:
     if not records:
         return {}
     kept = [r for r in records if not r["warmup"]] or records
-    values = torch.tensor([r["seconds_per_image"] for r in kept], dtype=torch.float64)
+    # the files already hold every rank's batches: no sync
+    timer = InferenceTimer(warmup=0, sync_on_compute=False)
+    for record in kept:
+        timer.update(record["seconds"], record["images"])
+    stats = timer.compute()
     return {
-        "seconds_per_image": float(values.median()),
-        "seconds_per_image_p90": float(torch.quantile(values, 0.9)),
+        "seconds_per_image": float(stats["median"]),
+        "seconds_per_image_p90": float(stats["p90"]),
         "images_timed": sum(r["images"] for r in kept),
     }

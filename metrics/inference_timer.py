@@ -12,6 +12,27 @@ from torchmetrics.utilities import dim_zero_cat
 from metrics.dist_sync import EmptyRankSafeSync
 
 
+class SynchronizedClock:
+    """``with SynchronizedClock() as clock: ...``, then ``clock.seconds``: the block's wall time,
+    CUDA synchronised before and after so that it covers the GPU work queued inside."""
+
+    seconds: float = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> SynchronizedClock:
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+
 class InferenceTimer(EmptyRankSafeSync, Metric):
     """Seconds per image of a sampling call: median and 90th percentile over calls.
 
@@ -41,14 +62,9 @@ class InferenceTimer(EmptyRankSafeSync, Metric):
 
     @contextlib.contextmanager
     def measure(self, num_images: int):
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize()
-        self.update(time.perf_counter() - start, num_images)
+        with SynchronizedClock() as clock:
+            yield
+        self.update(clock.seconds, num_images)
 
     def compute(self) -> dict[str, torch.Tensor]:
         if not self.seconds_per_image:
