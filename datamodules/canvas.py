@@ -4,6 +4,12 @@ Each hand image comes with the 21 keypoints it was generated for (crop coordinat
 least-squares similarity transform (rotation, uniform scale, translation; Umeyama 1991, via
 scikit-image) maps them onto the hand's keypoints in the full-body pose; the hand, cut out by
 its predicted mask, is warped with it onto an empty canvas.
+
+Stage-1 hands are generated at crop resolution (e.g. 512 px) and land 8-15x smaller on the
+body canvas; an affine warp with bilinear sampling at that ratio aliases (it reads 4 of every
+~100 source pixels), while the outpainter was trained on real hands resized with
+antialiasing. A downscaling transform is therefore split into an area-averaging resize
+(``cv2.INTER_AREA``) by its scale and a warp at about unit scale.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from skimage.transform import SimilarityTransform
 @dataclass
 class Alignment:
     matrix: np.ndarray  # [3, 3] crop pixels -> image pixels
-    rms_error: float  # px, over the keypoints labelled in both
 
 
 def align_hand(crop_keypoints: np.ndarray, body_keypoints: np.ndarray) -> Alignment:
@@ -30,8 +35,25 @@ def align_hand(crop_keypoints: np.ndarray, body_keypoints: np.ndarray) -> Alignm
     transform = SimilarityTransform.from_estimate(src, dst)
     if not transform:  # scikit-image returns a falsy failure object for degenerate points
         raise ValueError(f"no similarity transform fits these keypoints: {transform}")
-    error = np.sqrt(((transform(src) - dst) ** 2).sum(1).mean())
-    return Alignment(transform.params, float(error))
+    return Alignment(transform.params)
+
+
+def prefiltered(
+    image: np.ndarray, mask: np.ndarray, matrix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area-downscale ``image`` ``[h, w, 3]`` and ``mask`` ``[h, w]`` by the scale of the
+    similarity ``matrix`` ``[3, 3]`` when it shrinks them; returns them with the matrix from
+    the resized crop's pixels to the image's (unchanged when the transform does not shrink)."""
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+    height, width = mask.shape
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if scale >= 1 or (new_w, new_h) == (width, height):
+        return image, mask, matrix
+    image = cv2.resize(image.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
+    # resized pixel u' covers original u = u' * (w / w'), in the corner convention
+    upscale = np.diag([width / new_w, height / new_h, 1.0])
+    return image, mask, matrix @ upscale
 
 
 def paste_hands(
@@ -45,10 +67,11 @@ def paste_hands(
     canvas = np.zeros((height, width, 3), np.float32)
     known = np.zeros((height, width), np.float32)
     for image, mask, alignment in hands:
+        image, mask, crop_to_image = prefiltered(image, mask, alignment.matrix)
         # cv2 works in pixel-centre coordinates, the keypoints in pixel-corner ones
         shift = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
         unshift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-        matrix = (shift @ alignment.matrix @ unshift)[:2].astype(np.float32)
+        matrix = (shift @ crop_to_image @ unshift)[:2].astype(np.float32)
         warped = cv2.warpAffine(
             image.astype(np.float32), matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=0
         )

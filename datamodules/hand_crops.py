@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ class HandCropConfig:
     joint_radius: int = 1
     hull_dilation: int = 2  # px at training resolution, for masks rasterised from keypoints
     flip_prob: float = 0.5
+    # how the generator learns which hand it draws: the skeleton's palette (left hands in
+    # datamodules.rendering's left-hand colours), a "left hand, " / "right hand, " caption
+    # prefix (dropped with the caption under classifier-free guidance), or not at all
+    side_cue: Literal["palette", "caption", "none"] = "palette"
 
 
 def crop_box(keypoints: np.ndarray, margin: float, min_size: int) -> tuple[int, int, int]:
@@ -43,6 +48,22 @@ def _swap_sides(caption: str) -> str:
     return re.sub(
         r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", caption
     )
+
+
+def hand_condition(
+    keypoints: np.ndarray, is_right: bool, caption: str, config: HandCropConfig
+) -> tuple[np.ndarray, str]:
+    """The generator's conditions for a hand: skeleton ``[R, R, 3]`` uint8 of ``keypoints``
+    ``[21, 3]`` (crop pixels) and the caption, both carrying the side as ``config.side_cue``
+    says. Training crops and the two-stage pipeline both condition through this."""
+    side = "right" if is_right else "left"
+    palette = side if config.side_cue == "palette" else None
+    skeleton = render_hand_skeleton(
+        keypoints, config.resolution, config.line_width, config.joint_radius, palette
+    )
+    if config.side_cue == "caption":
+        caption = f"{side} hand, {caption}" if caption else f"{side} hand"
+    return skeleton, caption
 
 
 def hand_crop(
@@ -78,7 +99,7 @@ def hand_crop(
         is_right = not is_right
         caption = _swap_sides(caption)
     # Rendered after the flip so that the skeleton is exactly the mirrored keypoints.
-    skeleton = render_hand_skeleton(points, res, config.line_width, config.joint_radius)
+    skeleton, caption = hand_condition(points, is_right, caption, config)
     return {
         "image": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1,
         "pose_image": torch.from_numpy(skeleton).permute(2, 0, 1).float() / 255,

@@ -27,6 +27,14 @@ HAND_EDGE_COLORS = tuple(
     for i in range(len(HAND_EDGES))
 )
 HAND_JOINT_COLOR = (0, 0, 255)
+# Left hands in the per-side palette (``side="left"``): the same hues at half saturation and
+# white joints. A 2-D skeleton cannot tell a palm-facing right hand from a back-facing left
+# one; the palette tells the hand generator which side to draw.
+LEFT_HAND_EDGE_COLORS = tuple(
+    tuple(round(c * 255) for c in colorsys.hsv_to_rgb(i / len(HAND_EDGES), 0.5, 1.0))
+    for i in range(len(HAND_EDGES))
+)
+LEFT_HAND_JOINT_COLOR = (255, 255, 255)
 
 # OpenPose's 18-keypoint body layout, the one ControlNet's OpenPose models were trained on:
 # nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist, right hip/knee/ankle,
@@ -61,14 +69,26 @@ def _fixed(x: float, y: float) -> tuple[int, int]:
 
 
 def draw_hand_skeleton(
-    canvas: np.ndarray, keypoints: np.ndarray, line_width: int = 2, joint_radius: int = 2
+    canvas: np.ndarray,
+    keypoints: np.ndarray,
+    line_width: int = 2,
+    joint_radius: int = 2,
+    side: str | None = None,
 ) -> np.ndarray:
     """Draw a 21-point hand in OpenPose colours onto ``canvas`` ``[H, W, 3]`` uint8 RGB, in place.
 
     Only edges whose two ends are labelled (``v > 0``) are drawn, and only labelled joints.
+    ``side="left"`` draws in the left-hand palette; ``None`` or ``"right"`` in OpenPose's.
     """
+    if side not in (None, "left", "right"):
+        raise ValueError(f"side={side!r}: choose 'left', 'right' or None")
+    edge_colors, joint_color = (
+        (LEFT_HAND_EDGE_COLORS, LEFT_HAND_JOINT_COLOR)
+        if side == "left"
+        else (HAND_EDGE_COLORS, HAND_JOINT_COLOR)
+    )
     labelled = keypoints[:, 2] > 0
-    for (a, b), color in zip(HAND_EDGES, HAND_EDGE_COLORS, strict=True):
+    for (a, b), color in zip(HAND_EDGES, edge_colors, strict=True):
         if labelled[a] and labelled[b]:
             cv2.line(
                 canvas,
@@ -85,7 +105,7 @@ def draw_hand_skeleton(
                 canvas,
                 _fixed(x, y),
                 joint_radius << _SHIFT,
-                HAND_JOINT_COLOR,
+                joint_color,
                 thickness=-1,
                 lineType=cv2.LINE_AA,
                 shift=_SHIFT,
@@ -94,11 +114,15 @@ def draw_hand_skeleton(
 
 
 def render_hand_skeleton(
-    keypoints: np.ndarray, size: int, line_width: int = 2, joint_radius: int = 2
+    keypoints: np.ndarray,
+    size: int,
+    line_width: int = 2,
+    joint_radius: int = 2,
+    side: str | None = None,
 ) -> np.ndarray:
     """Hand skeleton on a black square canvas: ``[size, size, 3]`` uint8."""
     canvas = np.zeros((size, size, 3), np.uint8)
-    return draw_hand_skeleton(canvas, keypoints, line_width, joint_radius)
+    return draw_hand_skeleton(canvas, keypoints, line_width, joint_radius, side)
 
 
 def hull_mask(keypoints: np.ndarray, size: tuple[int, int], dilation: int = 0) -> np.ndarray:

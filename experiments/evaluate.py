@@ -49,7 +49,6 @@ from experiments.config import EVALUATION, ConfigError, flatten, import_target, 
 from experiments.config import load_config as _load_config
 from experiments.run import find_last_checkpoint
 from experiments.run import main as run_main
-from lightning_modules.predictor import read_timings
 from metrics.evaluation import COLUMNS, markdown_table
 
 log = logging.getLogger("handdiff")
@@ -145,9 +144,10 @@ def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
 
 def evaluate_method(
     method: str, node: dict, container: dict, eval_set: EvalSet, keys: list[str], out: Path
-) -> tuple[dict[str, float], bool]:
-    """Generate the subset with one method (resumable), then score it; returns its row and
-    whether it generates whole images (not hand crops)."""
+) -> tuple[dict[str, float], bool, dict[str, str]]:
+    """Generate the subset with one method (resumable), then score it; returns its row,
+    whether it generates whole images (not hand crops) and the predictor's settings that the
+    table must show (e.g. where the two-stage hand masks came from)."""
     images = out / method / "images"
     predictor = instantiate(node, out_dir=str(images), seed=container.get("seed", 0))
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
@@ -158,6 +158,7 @@ def evaluate_method(
     # every rank's images are on disk before any rank lists the folder
     trainer.strategy.barrier("generated")
     scoring_data, scoring_metrics = predictor.scoring_data, predictor.scoring_metrics
+    summary, settings = predictor.summary(), predictor.settings
     del predictor, trainer
     metrics = container["metrics"]
     params = {**(metrics.get("params") or {}), **scoring_metrics}
@@ -176,14 +177,14 @@ def evaluate_method(
     logger = _logger(container, method)
     trainer = L.Trainer(**container["trainer"], logger=logger, enable_checkpointing=False)
     trainer.test(evaluator, datamodule=datamodule)
-    row = {**evaluator.results, **read_timings(images)}
+    row = {**evaluator.results, **summary}
     if logger:
         table_keys = {c[0] for c in COLUMNS}
         logger.log_hyperparams(
             flatten({"method": method, **node}),
             {f"hparams/{k}": v for k, v in row.items() if k in table_keys},
         )
-    return row, "hand_crops" not in scoring_data
+    return row, "hand_crops" not in scoring_data, settings
 
 
 def _logger(container: dict, version: str) -> TensorBoardLogger | None:
@@ -221,12 +222,20 @@ def comparison_grid(
     return make_grid(tiles, nrow=2 + len(methods), padding=2, pad_value=1.0)
 
 
-def write_tables(name: str, rows: dict[str, dict], out: Path, extra: dict) -> None:
-    """``results.json`` (every value and setting), ``results.md`` (the paper table) and
-    ``results.csv`` (raw values, one row per method)."""
-    record = {"name": name, **extra, "methods": rows}
+def write_tables(
+    name: str, rows: dict[str, dict], out: Path, extra: dict, settings: dict[str, dict]
+) -> None:
+    """``results.json`` (every value and setting), ``results.md`` (the paper table, with each
+    method's settings listed under it) and ``results.csv`` (raw values, one row per method)."""
+    record = {"name": name, **extra, "methods": rows, "method_settings": settings}
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    (out / "results.md").write_text(f"## {name}\n\n" + markdown_table(rows))
+    notes = "".join(
+        f"- {method}: " + ", ".join(f"{k}={v}" for k, v in values.items()) + "\n"
+        for method, values in settings.items()
+        if values
+    )
+    table = f"## {name}\n\n" + markdown_table(rows) + (f"\n{notes}" if notes else "")
+    (out / "results.md").write_text(table)
     columns = [c[0] for c in COLUMNS if any(c[0] in r for r in rows.values())]
     columns += ["n_generated", "n_real"]
     with (out / "results.csv").open("w", newline="") as file:
@@ -245,10 +254,12 @@ def evaluate(container: dict) -> dict[str, dict]:
     L.seed_everything(container.get("seed", 0), workers=True)
     ensure_trained(methods, container.get("train_overrides") or [])
     keys = subset_keys(eval_set, out)
-    rows, whole_images = {}, []
+    rows, whole_images, settings = {}, [], {}
     for method, node in methods.items():
         log.info("evaluating %s on %d poses", method, len(keys))
-        rows[method], whole = evaluate_method(method, node, container, eval_set, keys, out)
+        rows[method], whole, settings[method] = evaluate_method(
+            method, node, container, eval_set, keys, out
+        )
         if whole:
             whole_images.append(method)
     if rank_zero_only.rank == 0:
@@ -257,7 +268,7 @@ def evaluate(container: dict) -> dict[str, dict]:
         extra = {"eval_set": dataclasses.asdict(eval_set), "subset_size": len(keys),
                  "seed": container.get("seed", 0), "world_size": world,
                  "methods_config": methods}  # fmt: skip
-        write_tables(name, rows, out, extra)
+        write_tables(name, rows, out, extra, settings)
         grid = comparison_grid(eval_set, keys, out, whole_images)
         if grid is not None:
             save_image(grid, out / "comparison.png")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from lightning_modules.blending import BlendConfig, LatentBlender, latent_mask
+from lightning_modules.blending import BlendConfig, LatentBlender, paste_back
 from lightning_modules.components import ComponentsConfig
 from lightning_modules.conditioning import ControlNetPoseConditioning
 from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
@@ -109,7 +109,9 @@ class Outpainter(LatentDiffusionModule):
         progress: bool = False,
     ) -> torch.Tensor:
         """Outpaint bodies: skeletons ``[B, 3, H, W]`` in [0, 1], canvases ``[B, 3, H, W]`` in
-        [-1, 1], known-region masks ``[B, 1, H, W]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
+        [-1, 1], known-region masks ``[B, 1, H, W]`` -> images ``[B, 3, H, W]`` in [0, 1].
+        ``blend`` (default: the module's) schedules the blended masks from the pixel mask and
+        optionally pastes the canvas back in pixel space."""
         cfg = self.sampler_config
         steps = num_inference_steps or cfg.num_inference_steps
         scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -129,12 +131,9 @@ class Outpainter(LatentDiffusionModule):
                 (b, LATENT_CHANNELS, *size), generator=generator, device=self.device
             )
             sampling_scheduler = self.sampling_scheduler(scheduler)
+            blend = blend or self.blend
             blender = LatentBlender(
-                sampling_scheduler,
-                canvas_latents,
-                latent_mask(hand_masks.to(self.device), size),
-                blend or self.blend,
-                generator=generator,
+                sampling_scheduler, canvas_latents, hand_masks, blend, generator=generator
             )
             latents = denoise(
                 sampling_scheduler,
@@ -147,7 +146,10 @@ class Outpainter(LatentDiffusionModule):
                 progress=progress,
                 after_step=blender,
             )
-            return self.decode_latents(latents)
+            images = self.decode_latents(latents)
+        if blend.paste_back_feather is not None:
+            images = paste_back(images, (canvases + 1) / 2, hand_masks, blend.paste_back_feather)
+        return images
 
     def log_images(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Grid columns: skeleton | canvas | sample | real."""

@@ -48,6 +48,8 @@ class GenerationPredictor(L.LightningModule):
         # keyword arguments of EvaluationDataModule and of the Evaluator to score this method
         self.scoring_data: dict = {"fit": "letterbox"}
         self.scoring_metrics: dict = {}
+        # choices a results table must show beside the method's name (e.g. the mask source)
+        self.settings: dict[str, str] = {}
         self._timed_batches = 0
 
     def prediction_datamodule(
@@ -77,6 +79,11 @@ class GenerationPredictor(L.LightningModule):
         self._timed_batches += 1
         with (self.out_dir / f"timing-rank{self.global_rank}.jsonl").open("a") as file:
             file.write(json.dumps(record) + "\n")
+
+    def summary(self) -> dict[str, float]:
+        """Values for the results table read from what every rank wrote (timings here;
+        subclasses add their own)."""
+        return read_timings(self.out_dir)
 
     def generators(self, keys: list[str]) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in seeds_for(keys, self.seed)]

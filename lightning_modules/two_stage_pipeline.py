@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -13,13 +14,17 @@ from torchvision.utils import save_image
 
 from datamodules.canvas import align_hand, paste_hands
 from datamodules.full_body_datamodule import FullBodyConfig
-from datamodules.hand_crops import HandCropConfig, crop_box
-from datamodules.rendering import render_full_skeleton, render_hand_skeleton
+from datamodules.hand_crops import HandCropConfig, crop_box, hand_condition
+from datamodules.rendering import hull_mask, render_full_skeleton
 from datamodules.schema import Person
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
 from lightning_modules.predictor import GenerationPredictor, save_png, seeds_for
+from metrics.hand_pose import match_hands
+from metrics.pose_estimators import MediaPipeHands, PoseEstimator
+
+MaskSource = Literal["auto", "predicted", "keypoint_hull"]
 
 
 @dataclass
@@ -35,7 +40,8 @@ class HandPlan:
 class ImageReport:
     hands_generated: list[str] = field(default_factory=list)
     hands_skipped: list[dict] = field(default_factory=list)  # {"side", "reason"}
-    alignment_rms_px: list[float] = field(default_factory=list)
+    # per generated hand: {"side", "detected", "error_px", "error_rel", "detected_side"}
+    hand_checks: list[dict] = field(default_factory=list)
 
 
 def plan_hands(
@@ -70,6 +76,65 @@ def plan_hands(
     return plans, reports
 
 
+def check_hands(detector: PoseEstimator, images: torch.Tensor, plans: list[HandPlan]) -> list[dict]:
+    """Stage 1's own accuracy: a hand detector on each generated hand ``[N, 3, r, r]`` in
+    [0, 1]; per hand, the mean distance (crop px and as a fraction of the hand's size, the
+    longest side of its keypoint box) between the detected keypoints and the conditioning
+    keypoints, over those labelled, and the side the detector sees."""
+    checks = []
+    for plan, found in zip(plans, detector.estimate(images), strict=True):
+        given = plan.crop_keypoints
+        detected = found["keypoints"].double().numpy().reshape(-1, 21, 3)
+        check = {"side": plan.side, "detected": False, "error_px": None, "error_rel": None,
+                 "detected_side": None}  # fmt: skip
+        matches = match_hands(detected, given[None])
+        if matches:
+            d = matches[0][0]
+            labelled = given[:, 2] > 0
+            points = given[labelled, :2]
+            error = float(np.linalg.norm(detected[d, labelled, :2] - points, axis=-1).mean())
+            size = float((points.max(0) - points.min(0)).max())
+            check.update(detected=True, error_px=error, error_rel=error / max(size, 1e-6))
+            if "handedness" in found:
+                # MediaPipe labels assume a mirrored (selfie) image
+                label = found["handedness"][d].lower()
+                check["detected_side"] = {"left": "right", "right": "left"}.get(label)
+        checks.append(check)
+    return checks
+
+
+def summarise_checks(checks: list[dict]) -> dict[str, float]:
+    """Aggregate of :func:`check_hands` records: detection rate, mean errors over detected
+    hands, and the fraction of detected hands whose side the detector agrees with."""
+    if not checks:
+        return {}
+    found = [c for c in checks if c["detected"]]
+    out = {"stage1_detection_rate": len(found) / len(checks), "stage1_hands": len(checks)}
+    if found:
+        out["stage1_error_px"] = float(np.mean([c["error_px"] for c in found]))
+        out["stage1_error_rel"] = float(np.mean([c["error_rel"] for c in found]))
+        sided = [c for c in found if c["detected_side"] is not None]
+        if sided:
+            agree = sum(c["detected_side"] == c["side"] for c in sided)
+            out["stage1_side_agreement"] = agree / len(sided)
+    return out
+
+
+def resolve_mask_source(source: MaskSource, hand_generator: HandGenerator) -> str:
+    """``auto``: the generator's mask head when it was trained (lambda > 0), else the keypoint
+    hull. ``predicted`` with lambda = 0 is refused: that head never got a gradient, stays at
+    its zero initialisation and predicts sigma(0) = 0.5 everywhere."""
+    trained = hand_generator.mask_loss_weight > 0
+    if source == "auto":
+        return "predicted" if trained else "keypoint_hull"
+    if source == "predicted" and not trained:
+        raise ValueError(
+            "hand_mask='predicted' but the hand generator was trained with mask_loss_weight=0: "
+            "its mask head is untrained; use hand_mask='keypoint_hull' (or 'auto')"
+        )
+    return source
+
+
 class TwoStagePipeline:
     """Full-body poses + prompts -> images, with the intermediate products.
 
@@ -79,6 +144,11 @@ class TwoStagePipeline:
     labelled keypoints, are not generated: the body is outpainted without them and the
     report says so. Every image has its own seed (``seeds[i]``), so results do not depend on
     batch composition or on the number of processes.
+
+    ``hand_mask`` is where each pasted hand's mask comes from (:func:`resolve_mask_source`):
+    the generator's mask head, or the convex hull of the conditioning keypoints, dilated as
+    the training crops' masks are. ``hand_detector`` (optional) checks each generated hand
+    against its conditioning keypoints (:func:`check_hands`).
     """
 
     def __init__(
@@ -91,6 +161,8 @@ class TwoStagePipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         blend: BlendConfig | None = None,
+        hand_mask: MaskSource = "auto",
+        hand_detector: PoseEstimator | None = None,
     ):
         self.hand_generator = hand_generator
         self.outpainter = outpainter
@@ -100,9 +172,39 @@ class TwoStagePipeline:
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.blend = blend
+        self.hand_mask = resolve_mask_source(hand_mask, hand_generator)
+        self.hand_detector = hand_detector
 
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def generate_hands(
+        self, plans: list[HandPlan], prompts: list[str], **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1 for every planned hand: images ``[N, 3, r, r]`` and masks ``[N, 1, r, r]``
+        in [0, 1] (the predicted or the keypoint-hull mask, as ``hand_mask`` says)."""
+        r = self.crop.resolution
+        if not plans:
+            return torch.zeros(0, 3, r, r), torch.zeros(0, 1, r, r)
+        skeletons, captions = [], []
+        for p in plans:
+            skeleton, caption = hand_condition(
+                p.crop_keypoints, p.side == "right", prompts[p.image], self.crop
+            )
+            skeletons.append(torch.from_numpy(skeleton).permute(2, 0, 1).float() / 255)
+            captions.append(caption)
+        images, masks = self.hand_generator.sample(
+            torch.stack(skeletons),
+            captions,
+            generator=self._generators([p.seed for p in plans]),
+            **kwargs,
+        )
+        if self.hand_mask == "keypoint_hull":
+            masks = torch.stack([
+                torch.from_numpy(hull_mask(p.crop_keypoints, (r, r), self.crop.hull_dilation))
+                for p in plans
+            ])[:, None].float() / 255  # fmt: skip
+        return images.cpu(), masks.cpu()
 
     @torch.no_grad()
     def __call__(self, people: list[list[Person]], prompts: list[str], seeds: list[int]) -> dict:
@@ -113,33 +215,23 @@ class TwoStagePipeline:
         res = self.body.resolution
         plans, reports = plan_hands(people, self.crop, self.min_hand_size, seeds)
         kw = dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
-        hand_images = torch.zeros(0, 3, self.crop.resolution, self.crop.resolution)
-        hand_masks = torch.zeros(0, 1, self.crop.resolution, self.crop.resolution)
-        if plans:
-            skeletons = torch.stack([
-                torch.from_numpy(render_hand_skeleton(
-                    p.crop_keypoints, self.crop.resolution, self.crop.line_width,
-                    self.crop.joint_radius)).permute(2, 0, 1).float() / 255
-                for p in plans
-            ])  # fmt: skip
-            hand_images, hand_masks = self.hand_generator.sample(
-                skeletons,
-                [prompts[p.image] for p in plans],
-                generator=self._generators([p.seed for p in plans]),
-                **kw,
-            )
-            hand_images, hand_masks = hand_images.cpu(), hand_masks.cpu()
+        hand_images, hand_masks = self.generate_hands(plans, prompts, **kw)
+        if self.hand_detector is not None and plans:
+            for plan, check in zip(
+                plans, check_hands(self.hand_detector, hand_images, plans), strict=True
+            ):
+                reports[plan.image].hand_checks.append(check)
         canvases, known = [], []
         for i in range(len(people)):
-            pasted = []
-            for n, plan in enumerate(plans):
-                if plan.image != i:
-                    continue
-                alignment = align_hand(plan.crop_keypoints, plan.keypoints)
-                reports[i].alignment_rms_px.append(alignment.rms_error)
-                pasted.append(
-                    (hand_images[n].permute(1, 2, 0).numpy(), hand_masks[n, 0].numpy(), alignment)
+            pasted = [
+                (
+                    hand_images[n].permute(1, 2, 0).numpy(),
+                    hand_masks[n, 0].numpy(),
+                    align_hand(plan.crop_keypoints, plan.keypoints),
                 )
+                for n, plan in enumerate(plans)
+                if plan.image == i
+            ]
             canvas, mask = paste_hands((res, res), pasted)
             canvases.append(torch.from_numpy(canvas).permute(2, 0, 1))
             known.append(torch.from_numpy(mask)[None])
@@ -173,7 +265,10 @@ class TwoStagePredictor(GenerationPredictor):
     :class:`~datamodules.pose_datamodule.PoseDataModule` batches and writes, per sample key,
     ``<out_dir>/<key>.png`` and ``<out_dir>/intermediate/<key>_{skeleton,canvas,hands}.png``,
     plus one JSON line per image appended to ``<out_dir>/report-rank<r>.jsonl`` (no two ranks
-    share a file). The seed of an image is ``seed`` + a stable hash of its key."""
+    share a file). The seed of an image is ``seed`` + a stable hash of its key.
+
+    ``check_hands`` runs MediaPipe Hands (the offline detector shipped with mediapipe) on each
+    generated hand; :meth:`summary` aggregates the checks of every rank's report."""
 
     def __init__(
         self,
@@ -186,6 +281,8 @@ class TwoStagePredictor(GenerationPredictor):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         blend: BlendConfig | dict | None = None,
+        hand_mask: MaskSource = "auto",
+        check_hands: bool = True,
         seed: int = 0,
     ):
         super().__init__(out_dir, seed)
@@ -206,8 +303,23 @@ class TwoStagePredictor(GenerationPredictor):
             num_inference_steps,
             guidance_scale,
             blend,
+            hand_mask,
+            # a small confidence: generated hands at crop size are judged, not found in a scene
+            MediaPipeHands(max_num_hands=2, min_detection_confidence=0.3) if check_hands else None,
         )
         self.resolution = body.resolution
+        self.settings = {"hand_mask": self.pipeline.hand_mask}
+
+    def summary(self) -> dict[str, float]:
+        """Timings plus the aggregated stage-1 hand checks of every rank's report."""
+        checks = [
+            check
+            for file in sorted(self.out_dir.glob("report-rank*.jsonl"))
+            for line in file.read_text().splitlines()
+            if line.strip()
+            for check in json.loads(line).get("hand_checks", [])
+        ]
+        return {**super().summary(), **summarise_checks(checks)}
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         seeds = seeds_for(batch["key"], self.seed)
@@ -236,6 +348,7 @@ class TwoStagePredictor(GenerationPredictor):
                     "key": key,
                     "caption": batch["caption"][i],
                     "seed": seeds[i],
+                    "hand_mask": self.pipeline.hand_mask,
                     **asdict(out["reports"][i]),
                 }
                 reports.write(json.dumps(record) + "\n")

@@ -27,7 +27,8 @@ from metrics.pose_ap import PoseAP
 COLUMNS = (
     ("fid", False, 1), ("kid_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
     ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("hand_ap", True, 100),
-    ("pck@0.2", True, 100), ("detection_rate", True, 100), ("seconds_per_image", False, 1),
+    ("pck@0.2", True, 100), ("detection_rate", True, 100), ("stage1_detection_rate", True, 100),
+    ("stage1_error_rel", False, 100), ("seconds_per_image", False, 1),
 )  # fmt: skip
 
 MEDIAPIPE_BODY = {"target": "metrics.pose_estimators.MediaPipeBody", "params": {}}

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.hand_crops import HandCropConfig, crop_box, hand_crop
-from datamodules.rendering import HAND_EDGE_COLORS, HAND_JOINT_COLOR, hull_mask
+from datamodules.hand_crops import HandCropConfig, crop_box, hand_condition, hand_crop
+from datamodules.rendering import (
+    HAND_EDGE_COLORS,
+    HAND_JOINT_COLOR,
+    LEFT_HAND_EDGE_COLORS,
+    LEFT_HAND_JOINT_COLOR,
+    hull_mask,
+)
 from datamodules.schema import Person, Sample
 from datamodules.synthetic import draw_person
 
@@ -66,7 +72,7 @@ def test_crop_keeps_keypoints_on_their_pixels(flip, with_mask):
 
 def test_flip_mirrors_image_mask_and_skeleton():
     sample, keypoints = _marked_sample(with_mask=False)
-    kw = dict(resolution=64, line_width=2, joint_radius=0)
+    kw = dict(resolution=64, line_width=2, joint_radius=0, side_cue="none")
     plain = hand_crop(
         sample, keypoints, False, HandCropConfig(flip_prob=0.0, **kw), random.Random(0)
     )
@@ -79,6 +85,41 @@ def test_flip_mirrors_image_mask_and_skeleton():
     # rendered from mirrored keypoints: equal to the mirrored rendering up to anti-aliasing
     diff = (flipped["pose_image"] - plain["pose_image"].flip(-1)).abs()
     assert diff.mean() < 0.01 and (diff > 0.5).float().mean() < 0.01
+
+
+def _colours(pose_image) -> set:
+    return {
+        tuple(p) for p in (pose_image.permute(1, 2, 0).reshape(-1, 3) * 255).round().int().tolist()
+    }
+
+
+def test_side_cue_palette_follows_the_hand_through_a_flip():
+    """A left hand is drawn in the left palette; flipped, it is a right hand and is drawn in
+    OpenPose's palette, so the generator always sees which side it draws."""
+    sample, keypoints = _marked_sample(with_mask=False)
+    kw = dict(resolution=128, line_width=3, joint_radius=2)
+    left = hand_crop(sample, keypoints, False, HandCropConfig(flip_prob=0, **kw), random.Random(0))
+    flipped = hand_crop(
+        sample, keypoints, False, HandCropConfig(flip_prob=1, **kw), random.Random(0)
+    )
+    assert not left["is_right"] and flipped["is_right"]
+    left_colours, right_colours = _colours(left["pose_image"]), _colours(flipped["pose_image"])
+    assert LEFT_HAND_JOINT_COLOR in left_colours and HAND_JOINT_COLOR not in left_colours
+    assert sum(c in left_colours for c in LEFT_HAND_EDGE_COLORS) >= 15
+    assert HAND_JOINT_COLOR in right_colours and LEFT_HAND_JOINT_COLOR not in right_colours
+    assert not set(LEFT_HAND_EDGE_COLORS) & set(HAND_EDGE_COLORS)
+
+
+def test_side_cue_caption_prefixes_the_side():
+    sample, keypoints = _marked_sample(with_mask=False)
+    config = HandCropConfig(resolution=64, flip_prob=1, side_cue="caption")
+    out = hand_crop(sample, keypoints, False, config, random.Random(0))
+    assert out["caption"].startswith("right hand, ")  # a flipped left hand
+    skeleton, caption = hand_condition(out["keypoints"].numpy(), False, "", config)
+    assert caption == "left hand"
+    # caption mode draws both sides in one palette
+    plain, _ = hand_condition(out["keypoints"].numpy(), True, "", config)
+    assert (skeleton == plain).all()
 
 
 def test_crop_box_is_square_centred_with_margin():

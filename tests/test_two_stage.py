@@ -17,7 +17,12 @@ from datamodules.synthetic import draw_person
 from experiments.run import main
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
-from lightning_modules.two_stage_pipeline import TwoStagePipeline
+from lightning_modules.two_stage_pipeline import (
+    TwoStagePipeline,
+    plan_hands,
+    resolve_mask_source,
+    summarise_checks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,9 +57,70 @@ def test_outputs_and_intermediates(pipeline):
     assert n > 0 and out["hand_images"].shape == (n, 3, 32, 32)
     assert out["hand_masks"].shape == (n, 1, 32, 32)
     assert out["canvases"][out["known_masks"].expand(-1, 3, -1, -1) == 0].abs().max() == 0
-    for report in out["reports"]:
-        assert len(report.alignment_rms_px) == len(report.hands_generated)
-        assert all(e < 1e-6 for e in report.alignment_rms_px)  # crops are similarities
+    assert all(r.hand_checks == [] for r in out["reports"])  # no detector given
+
+
+def test_lambda_0_pastes_the_keypoint_hull_not_an_untrained_head():
+    """With mask_loss_weight = 0 the mask head predicts sigma(0) = 0.5 everywhere, which the
+    paste threshold (> 0.5) turns into nothing: the canvas would be empty. The pipeline takes
+    the keypoint hull instead and refuses 'predicted'."""
+    torch.manual_seed(0)
+    no_mask_head = HandGenerator(components={"tiny": True}, mask_loss_weight=0.0)
+    assert resolve_mask_source("auto", no_mask_head) == "keypoint_hull"
+    with pytest.raises(ValueError, match="mask_loss_weight=0"):
+        resolve_mask_source("predicted", no_mask_head)
+    kw = dict(min_hand_size=4, num_inference_steps=2, guidance_scale=1.0)
+    crop, body = HandCropConfig(resolution=32), FullBodyConfig(resolution=64)
+    people = [_people(1)]
+    hull = TwoStagePipeline(no_mask_head, Outpainter(components={"tiny": True}), crop, body, **kw)
+    out = hull(people, ["a person"], seeds=[3])
+    assert out["hand_masks"].min() == 0 and out["hand_masks"].max() == 1
+    n_hands = len(out["reports"][0].hands_generated)
+    assert n_hands > 0 and out["known_masks"].sum() > 4 * n_hands
+    # the predicted head of the same untrained model pastes nothing
+    predicted = TwoStagePipeline(
+        HandGenerator(components={"tiny": True}, mask_loss_weight=1.0),
+        hull.outpainter, crop, body, hand_mask="predicted", **kw,
+    )  # fmt: skip
+    assert predicted(people, ["a person"], seeds=[3])["known_masks"].sum() == 0
+
+
+class _ShiftedDetector:
+    """Finds each planned hand at its conditioning keypoints shifted by (3, 4) px."""
+
+    def __init__(self, plans):
+        self.plans = plans
+
+    def estimate(self, images):
+        out = []
+        for plan in self.plans:
+            kp = torch.from_numpy(plan.crop_keypoints.copy())
+            kp[:, :2] += torch.tensor([3.0, 4.0])
+            out.append({"keypoints": kp[None], "scores": torch.ones(1), "handedness": ["Left"]})
+        return out
+
+
+def test_hand_check_measures_the_keypoint_error_of_each_generated_hand(pipeline):
+    people = [_people(1)]
+    plans, _ = plan_hands(people, pipeline.crop, pipeline.min_hand_size, [0])
+    pipeline.hand_detector = _ShiftedDetector(plans)
+    try:
+        out = pipeline(people, ["a person"], seeds=[0])
+    finally:
+        pipeline.hand_detector = None
+    checks = out["reports"][0].hand_checks
+    assert [c["side"] for c in checks] == out["reports"][0].hands_generated
+    for check, plan in zip(checks, plans, strict=True):
+        labelled = plan.crop_keypoints[plan.crop_keypoints[:, 2] > 0, :2]
+        size = (labelled.max(0) - labelled.min(0)).max()
+        assert check["detected"] and check["error_px"] == pytest.approx(5.0)
+        assert check["error_rel"] == pytest.approx(5.0 / size)
+        assert check["detected_side"] == "right"  # MediaPipe's "Left" on an unmirrored image
+    summary = summarise_checks([*checks, {**checks[0], "detected": False}])
+    assert summary["stage1_detection_rate"] == pytest.approx(len(checks) / (len(checks) + 1))
+    assert summary["stage1_error_px"] == pytest.approx(5.0)
+    right = sum(c["side"] == "right" for c in checks)
+    assert summary["stage1_side_agreement"] == pytest.approx(right / len(checks))
 
 
 def test_seeded_per_image_independent_of_the_batch(pipeline):
@@ -114,6 +180,9 @@ def test_tiny_end_to_end_through_the_cli(synthetic_dir, tmp_path, monkeypatch):
     assert Image.open(images[0]).size == (128, 128)
     reports = [json.loads(line) for line in (out / "report-rank0.jsonl").read_text().splitlines()]
     assert len(reports) == 16 and sum(len(r["hands_generated"]) for r in reports) > 0
+    # MediaPipe checked every generated hand (a 3-step tiny model draws no detectable hand)
+    assert all(len(r["hand_checks"]) == len(r["hands_generated"]) for r in reports)
+    assert {r["hand_mask"] for r in reports} == {"predicted"}
     assert (out / "intermediate" / f"{reports[0]['key']}_canvas.png").is_file()
 
     # the same under 2-process DDP: every pose once, one report file per rank, same images
