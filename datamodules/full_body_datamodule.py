@@ -28,7 +28,8 @@ class FullBodyConfig:
     hull_dilation: int = 2  # px at training resolution, for hand masks from keypoints
     flip_prob: float = 0.5
     require_hands: bool = False  # skip images without a labelled hand
-    skeleton_layout: Literal["openpose18", "coco17"] = "openpose18"  # coco17: HumanSD's
+    # datamodules.rendering.draw_body_skeleton; humansd16: HumanSD's released renderer
+    skeleton_layout: Literal["openpose18", "coco17", "humansd16"] = "openpose18"
     draw_hands: bool = True  # HumanSD's pose images have no hands
     max_people: int = 4  # body keypoints are batched as [B, max_people, 17, 3]
 

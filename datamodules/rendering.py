@@ -58,6 +58,20 @@ COCO_LIMBS = (
     (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
 )  # fmt: skip
 
+# HumanSD's pose images (its released ``ldm/data/humansd.py``): 16 COCO-17 limbs (no
+# shoulder-shoulder or hip-hip), limb i in colour i of seaborn's ``color_palette("hls", 16)``
+# (hues i/16 + 0.01, lightness 0.6, saturation 0.65; channels int(255 * c)), 10 px lines and
+# radius-5 discs at both ends of every drawn limb, in limb order.
+HUMANSD_LIMBS = (
+    (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 8), (7, 9), (8, 10), (5, 11),
+    (6, 12), (11, 13), (12, 14), (13, 15), (14, 16),
+)  # fmt: skip
+HUMANSD_COLORS = tuple(
+    tuple(int(255 * c) for c in colorsys.hls_to_rgb((i / len(HUMANSD_LIMBS) + 0.01) % 1, 0.6, 0.65))
+    for i in range(len(HUMANSD_LIMBS))
+)
+HUMANSD_KEYPOINT_THRESHOLD = 0.02
+
 # cv2 draws on an integer grid; 4 fractional bits keep sub-pixel keypoint positions.
 _SHIFT = 4
 
@@ -167,15 +181,19 @@ def draw_body_skeleton(
     """Draw a COCO-17 body onto ``canvas`` ``[H, W, 3]`` uint8 RGB, in place.
 
     ``layout="openpose18"``: as an OpenPose-18 skeleton (neck added; limbs at 60 % intensity,
-    as ControlNet's OpenPose renderer). ``layout="coco17"``: COCO's own 19 limbs, no neck
-    (HumanSD's pose images), in the same palette.
+    as ControlNet's OpenPose renderer). ``layout="coco17"``: COCO's own 19 limbs, no neck, in
+    the same palette. ``layout="humansd16"``: exactly HumanSD's released renderer
+    (:func:`draw_humansd_skeleton`; ``joint_radius`` is unused, the discs are
+    ``line_width // 2``), so that its released checkpoint sees its own pose images.
     """
+    if layout == "humansd16":
+        return draw_humansd_skeleton(canvas, body, line_width)
     if layout == "openpose18":
         points, limbs = coco_to_openpose(body), OPENPOSE_LIMBS
     elif layout == "coco17":
         points, limbs = body, COCO_LIMBS
     else:
-        raise ValueError(f"layout={layout!r}: choose 'openpose18' or 'coco17'")
+        raise ValueError(f"layout={layout!r}: choose 'openpose18', 'coco17' or 'humansd16'")
     labelled = points[:, 2] > 0
     for n, (a, b) in enumerate(limbs):
         if labelled[a] and labelled[b]:
@@ -199,6 +217,20 @@ def draw_body_skeleton(
             lineType=cv2.LINE_AA,
             shift=_SHIFT,
         )
+    return canvas
+
+
+def draw_humansd_skeleton(canvas: np.ndarray, body: np.ndarray, width: int = 10) -> np.ndarray:
+    """HumanSD's ``plot_kpts``: for each of :data:`HUMANSD_LIMBS` whose two keypoints score
+    above 0.02, a ``width`` px line (cv2's default 8-connected, coordinates truncated to
+    integers as ``int()`` does) and ``width // 2`` discs at both ends, in the limb's colour."""
+    kept = body[:, 2] > HUMANSD_KEYPOINT_THRESHOLD
+    for (a, b), color in zip(HUMANSD_LIMBS, HUMANSD_COLORS, strict=True):
+        if kept[a] and kept[b]:
+            pa, pb = (int(body[a, 0]), int(body[a, 1])), (int(body[b, 0]), int(body[b, 1]))
+            cv2.line(canvas, pa, pb, color, width)
+            cv2.circle(canvas, pa, width // 2, color, -1)
+            cv2.circle(canvas, pb, width // 2, color, -1)
     return canvas
 
 

@@ -70,7 +70,7 @@ class HandGenerator(PoseConditionedDiffusion):
         out = self.unet_output(noisy_latents, timesteps, text_embeddings, pose)
         return out[:, :LATENT_CHANNELS], out[:, LATENT_CHANNELS:]
 
-    def loss_terms(self, batch, output, latents, noise, timesteps):
+    def loss_terms(self, batch, output, latents, noise, timesteps, generator=None):
         denoise_loss = self.denoising_loss(output[:, :LATENT_CHANNELS], latents, noise, timesteps)
         target_mask = F.interpolate(batch["mask"].float(), size=latents.shape[-2:], mode="area")
         m_loss = mask_loss(output[:, LATENT_CHANNELS:], target_mask)

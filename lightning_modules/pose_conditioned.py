@@ -81,8 +81,11 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     def forward(self, noisy, timesteps, text_embeddings, pose) -> torch.Tensor:
         return self.unet_output(noisy, timesteps, text_embeddings, pose)[:, :LATENT_CHANNELS]
 
-    def loss_terms(self, batch, output, latents, noise, timesteps) -> dict[str, torch.Tensor]:
-        """Loss terms from the raw UNet output; ``loss`` is the one optimised."""
+    def loss_terms(
+        self, batch, output, latents, noise, timesteps, generator=None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms from the raw UNet output; ``loss`` is the one optimised. ``generator``
+        (validation) seeds any randomness a loss term draws."""
         prediction = output[:, :LATENT_CHANNELS]
         return {"loss": self.denoising_loss(prediction, latents, noise, timesteps)}
 
@@ -99,7 +102,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         text = self.encode_prompts(captions)
         noise, timesteps, noisy = self.add_noise(latents, generator)
         output = self.unet_output(noisy, timesteps, text, pose)
-        return self.loss_terms(batch, output, latents, noise, timesteps)
+        return self.loss_terms(batch, output, latents, noise, timesteps, generator)
 
     @torch.no_grad()
     def generate(

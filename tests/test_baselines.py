@@ -10,28 +10,42 @@ import torch
 
 from experiments.run import main
 from lightning_modules.humansd import (
+    HeatmapWeightConfig,
     HumanSD,
     binary_weight_map,
+    eq6_loss,
     gaussian_heatmaps,
-    weighted_denoising_loss,
+    released_code_loss,
+    released_code_weight,
+    surrogate_heatmaps,
 )
 from lightning_modules.pose_conditioned import PoseConditionedDiffusion
+from metrics.heatmap_networks import HeatmapNetwork, average_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_weighting_by_hand():
-    lam = 0.1
+def _error_and_marks():
     pred = torch.zeros(1, 4, 4, 4)
     target = torch.ones(1, 4, 4, 4)
-    target[..., 2:, :] = 3.0  # squared error 1 in rows 0-1, 9 in rows 2-3
+    target[..., 2:, :] = 3.0  # error 1 in rows 0-1, 3 in rows 2-3
     marked = torch.zeros(1, 1, 4, 4)
     marked[..., :, :2] = 1  # the left half is "pose region"
-    weight = 1 + lam * marked
-    # left half: 1.1 * (1 + 9) / 2 ; right half: 1.0 * (1 + 9) / 2 ; mean over both halves
-    expected = (1.1 * 5 + 1.0 * 5) / 2
-    assert weighted_denoising_loss(pred, target, weight).item() == pytest.approx(expected)
-    assert weighted_denoising_loss(pred, target, torch.ones(1, 1, 4, 4)).item() == 5.0
+    return pred, target, 1 + 0.1 * marked
+
+
+def test_eq6_weights_inside_the_square():
+    """||W_a (eps - eps_theta)||^2: left half (1.1 x 1)^2 and (1.1 x 3)^2, right half 1 and 9."""
+    pred, target, weight = _error_and_marks()
+    expected = ((1.21 * 1 + 1.21 * 9) / 2 + (1 + 9) / 2) / 2
+    assert eq6_loss(pred, target, weight).item() == pytest.approx(expected)
+
+
+def test_released_code_weights_outside_the_square():
+    """W_a (eps - eps_theta)^2: left half 1.1 x 1 and 1.1 x 9, right half 1 and 9."""
+    pred, target, weight = _error_and_marks()
+    expected = ((1.1 * 1 + 1.1 * 9) / 2 + (1 + 9) / 2) / 2
+    assert released_code_loss(pred, target, weight).item() == pytest.approx(expected)
 
 
 def test_gaussian_heatmaps_peak_on_labelled_keypoints_only():
@@ -46,12 +60,65 @@ def test_gaussian_heatmaps_peak_on_labelled_keypoints_only():
     assert heat[0, 5].max() == 0 and heat[0, 1].max() == 0
 
 
-def test_paper_and_code_binarisation_are_complements():
-    heat = torch.rand(2, 17, 8, 8)
-    paper = binary_weight_map(heat, 0.05, invert=False)
-    code = binary_weight_map(heat, 0.05, invert=True)
-    assert torch.equal(paper + code, torch.full_like(paper, 17.0))
-    assert torch.equal(paper, (heat > 0.05).float().sum(1, keepdim=True))
+def test_surrogate_weight_covers_the_image_at_512_px():
+    """17 joints, far apart, at 512 px. H > 0.05 within d^2 < 2 sigma^2 ln 20 = 23.97 grid px^2
+    of a joint on the 128-px grid: 69 grid pixels per joint centred on a pixel centre (counted
+    lattice points), so the eq. 6 count map averages 17 x 69 / 128^2 = 0.0716 at any latent
+    size, and mean W_a = 1 + 0.1 x 0.0716. (Gaussians of 2 image px, as before, gave 1.0005.)"""
+    kp = torch.zeros(1, 1, 17, 3)
+    for j in range(17):
+        kp[0, 0, j] = torch.tensor([(j % 5) * 100 + 54.0, (j // 5) * 100 + 54.0, 2])
+    config = HeatmapWeightConfig()
+    heat = surrogate_heatmaps(kp, (512, 512), config)
+    assert heat.shape == (1, 17, 128, 128)
+    lattice = sum(1 for dx in range(-5, 6) for dy in range(-5, 6) if dx * dx + dy * dy < 23.97)
+    assert lattice == 69
+    weight = torch.nn.functional.interpolate(
+        binary_weight_map(heat, 0.05, invert=False), size=(64, 64), mode="area"
+    )
+    assert float(weight.mean()) == pytest.approx(17 * 69 / 128**2, rel=1e-6)
+    assert float((1 + 0.1 * weight).mean()) == pytest.approx(1.00716, abs=1e-5)
+    coverage = float((weight > 0).float().mean())
+    assert 0.07 < coverage < 0.12  # 17 discs of ~17 latent cells, plus partial border cells
+    # the same fraction of the image at 64 px
+    small = surrogate_heatmaps(kp / torch.tensor([8.0, 8.0, 1.0]), (64, 64), config)
+    torch.testing.assert_close(small, heat)
+
+
+def test_released_code_weight_by_hand():
+    """Two joints on a 2x2 heatmap grid, threshold 0.05: the inverted count map is 2 where both
+    heatmaps are low, 1 where one fires, 0 where both do; it reaches the encoder unnormalised,
+    3 channels, bicubically resized to the image size."""
+    heat = torch.tensor([[[[0.9, 0.0], [0.04, 0.06]], [[0.9, 0.9], [0.0, 0.0]]]])
+    counts = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    seen = []
+
+    def encode(images):
+        seen.append(images)
+        return images[:, :1, ::4, ::4] * 0.5  # a stand-in "VAE": subsample and scale
+
+    weight = released_code_weight(heat, (8, 8), 0.05, encode)
+    (image,) = seen
+    assert image.shape == (1, 3, 8, 8) and torch.equal(image[0, 0], image[0, 2])
+    expected = torch.nn.functional.interpolate(
+        counts[None, None], size=(8, 8), mode="bicubic", align_corners=False
+    )
+    torch.testing.assert_close(image[:, :1], expected)
+    assert image.max() > 1.5  # not mapped to [-1, 1]
+    torch.testing.assert_close(weight, expected[..., ::4, ::4] * 0.5)
+
+
+def test_released_code_weight_encodes_a_posterior_sample():
+    model = HumanSD(
+        components={"tiny": True}, heatmap={"variant": "released_code", "heatmap_size": 16}
+    )
+    batch = _batch()
+    prediction, noise = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    latents = torch.zeros(2, 4, 8, 8)
+    a = model.weight_map(batch, prediction, noise, latents, torch.Generator().manual_seed(0))
+    b = model.weight_map(batch, prediction, noise, latents, torch.Generator().manual_seed(0))
+    c = model.weight_map(batch, prediction, noise, latents, torch.Generator().manual_seed(1))
+    assert a.shape == (2, 4, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
 
 
 def _batch(n=2, res=64):
@@ -67,8 +134,8 @@ def _batch(n=2, res=64):
     }
 
 
-def test_humansd_loss_is_the_weighted_formula():
-    model = HumanSD(components={"tiny": True}, heatmap={"weight": 0.5})
+def test_humansd_eq6_loss_end_to_end():
+    model = HumanSD(components={"tiny": True}, heatmap={"weight": 0.5, "heatmap_size": 32})
     batch = _batch()
     losses = model.losses(batch, train=False, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
@@ -77,11 +144,13 @@ def test_humansd_loss_is_the_weighted_formula():
     eps = model(
         noisy, t, model.encode_prompts(batch["caption"]), model.encode_pose(batch["pose_image"])
     )
-    heat = gaussian_heatmaps(batch["body_keypoints"], (64, 64), 2.0)
+    kp = batch["body_keypoints"].clone()
+    kp[..., :2] *= 0.5  # the 64 px image on the 32 px heatmap grid
+    heat = gaussian_heatmaps(kp, (32, 32), 2.0)
     w = torch.nn.functional.interpolate(
         (heat > 0.05).float().sum(1, keepdim=True), size=(8, 8), mode="area"
     )
-    expected = ((1 + 0.5 * w) * (noise - eps) ** 2).mean()
+    expected = (((1 + 0.5 * w) * (noise - eps)) ** 2).mean()
     torch.testing.assert_close(losses["loss"], expected)
     assert losses["heatmap_weight"] > 0
     assert model.unet.config.in_channels == 8  # pose latent concatenated
@@ -105,7 +174,7 @@ def test_network_heatmaps_run_on_the_decoded_noise_difference(monkeypatch):
     monkeypatch.setattr("experiments.config.instantiate", lambda node: net)
     model = HumanSD(
         components={"tiny": True},
-        heatmap={"source": "network", "network": {"target": "x"}, "variant": "code"},
+        heatmap={"source": "network", "network": {"target": "x"}, "variant": "released_code"},
     )
     losses = model.losses(_batch(), train=True)
     (seen,) = net.seen
@@ -113,6 +182,29 @@ def test_network_heatmaps_run_on_the_decoded_noise_difference(monkeypatch):
     assert torch.isfinite(losses["loss"])
     with pytest.raises(ValueError, match=r"heatmap\.network"):
         HumanSD(components={"tiny": True}, heatmap={"source": "network"})
+
+
+class TwoStageHeads(torch.nn.Module):
+    """HigherHRNet-like outputs: heatmaps + tags at 1/4, heatmaps at 1/2 of the input."""
+
+    def forward(self, images):
+        b, _, h, w = images.shape
+        quarter = torch.ones(b, 4, h // 4, w // 4)  # 2 joints + 2 tag maps
+        half = torch.full((b, 2, h // 2, w // 2), 3.0)
+        return [quarter, half]
+
+
+def test_heatmap_network_averages_stages_at_the_last_size():
+    net = HeatmapNetwork(TwoStageHeads())
+    heat = net(torch.rand(1, 3, 16, 16))
+    assert heat.shape == (1, 2, 8, 8)
+    torch.testing.assert_close(heat, torch.full((1, 2, 8, 8), 2.0))  # (1 + 3) / 2
+    tagged = average_stages((torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 4, 4)))
+    assert torch.equal(tagged, torch.ones(1, 2, 4, 4))
+    normalized = HeatmapNetwork(RecordingHeatmapNet(1), normalize=True)
+    normalized(torch.full((1, 3, 4, 4), 0.485))
+    (seen,) = normalized.network.seen
+    assert seen[0, 0].abs().max() < 1e-6  # (0.485 - mean) / std on the red channel
 
 
 def test_controlnet_baseline_trains_only_the_controlnet_and_scales():
@@ -153,7 +245,7 @@ TINY = [
     "hand/tiny",
     "outpaint/tiny",
     "humansd/tiny",
-    "humansd/tiny_code_loss",
+    "humansd/tiny_released_loss",
     "controlnet/tiny",
     "plain_sd/tiny",
 ]
