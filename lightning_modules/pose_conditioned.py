@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from lightning_modules.components import ComponentsConfig
 from lightning_modules.conditioning import build_conditioning
 from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
-from lightning_modules.sampling import SamplerConfig, denoise
+from lightning_modules.sampling import SamplerConfig, denoise, pose_and_text_guidance
 
 LATENT_CHANNELS = 4
 
@@ -27,7 +27,10 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     image (``conditioning_scale``; ``controlnet`` = a pretrained one to start from);
     ``"none"``: plain text-to-image SD (the pose images only set the output size). The UNet is
     trained unless ``train_unet=False`` (the ControlNet recipe: frozen SD). Classifier-free
-    guidance drops captions (``caption_dropout``) and, optionally, poses (``pose_dropout``).
+    guidance drops captions (``caption_dropout``) and, optionally, poses (``pose_dropout``);
+    a model trained with dropped poses samples with a pose guidance scale
+    (``sampler.pose_guidance_scale``, :func:`~lightning_modules.sampling.pose_and_text_guidance`),
+    and one trained without them refuses that scale (its null pose was never learned).
 
     As configured by ``experiments/controlnet/*.yaml`` (``conditioning: controlnet``,
     ``train_unet: false``) this is the ControlNet pose baseline of diffusers' ControlNet
@@ -61,6 +64,17 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             compile=compile,
         )
         self.pose_dropout = pose_dropout
+        pose_scale = self.sampler_config.pose_guidance_scale
+        if pose_dropout > 0 and pose_scale is None:
+            raise ValueError(
+                f"pose_dropout={pose_dropout} trains a null pose that only pose guidance uses: "
+                "set sampler.pose_guidance_scale (1.0 = text guidance alone) or pose_dropout=0"
+            )
+        if pose_scale is not None and (pose_dropout == 0 or conditioning == "none"):
+            raise ValueError(
+                f"sampler.pose_guidance_scale={pose_scale} needs a null pose the model learned: "
+                "train with pose_dropout > 0 (and a pose conditioning)"
+            )
         kwargs = {}
         if conditioning == "controlnet":
             kwargs = {"conditioning_scale": conditioning_scale, "pretrained": controlnet}
@@ -118,16 +132,23 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``[B, 3, H, W]`` in [0, 1] and the raw UNet output of the last step (the
         conditional half) for skeletons ``[B, 3, H, W]`` in [0, 1]. The unconditional branch
-        of guidance drops the caption (to ``negative_prompt``) and keeps the pose (HumanSD)."""
+        of guidance drops the caption (to ``negative_prompt``) and keeps the pose (HumanSD),
+        unless the sampler has a ``pose_guidance_scale``: then three branches (no pose and no
+        caption, pose only, both) are combined by :func:`pose_and_text_guidance`."""
         cfg = self.sampler_config
         steps = num_inference_steps or cfg.num_inference_steps
         scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
+        pose_scale = cfg.pose_guidance_scale
         b, _, height, width = pose_images.shape
         with self.ema_weights():
             pose = self.encode_pose(pose_images.to(self.device))
             text = self.encode_prompts(list(prompts))
-            if scale > 1.0:
+            if pose_scale is not None:
+                null_text = self.encode_prompts([negative] * b)
+                text = torch.cat([null_text, null_text, text])
+                pose = torch.cat([self.conditioning.null(pose), pose, pose])
+            elif scale > 1.0:
                 text = torch.cat([self.encode_prompts([negative] * b), text])
                 pose = torch.cat([pose, pose])
             shape = (b, LATENT_CHANNELS, height // self.vae_scale, width // self.vae_scale)
@@ -135,16 +156,22 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             last: dict[str, torch.Tensor] = {}
 
             def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if pose_scale is not None:
+                    x = torch.cat([x, x, x])
                 output = self.unet_output(x, t, text, pose)
                 last["output"] = output[-b:]
-                return output[:, :LATENT_CHANNELS]
+                output = output[:, :LATENT_CHANNELS]
+                if pose_scale is not None:
+                    return pose_and_text_guidance(*output.chunk(3), pose_scale, scale)
+                return output
 
             latents = denoise(
                 self.sampling_scheduler(scheduler),
                 predict,
                 noise,
                 steps,
-                scale,
+                # three-branch guidance happens inside predict
+                1.0 if pose_scale is not None else scale,
                 generator=generator,
                 eta=cfg.eta,
                 progress=progress,

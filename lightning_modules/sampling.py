@@ -34,6 +34,23 @@ class SamplerConfig:
     guidance_scale: float = 7.5
     eta: float = 0.0  # DDIM only
     negative_prompt: str = ""
+    # pose-conditioned methods trained with pose_dropout > 0: a separate guidance scale for the
+    # pose (:func:`pose_and_text_guidance`); None: the pose is kept in both guidance branches
+    pose_guidance_scale: float | None = None
+
+
+def pose_and_text_guidance(
+    neither: torch.Tensor,
+    pose_only: torch.Tensor,
+    both: torch.Tensor,
+    pose_scale: float,
+    text_scale: float,
+) -> torch.Tensor:
+    """Guidance over two conditions (Brooks et al. 2023, InstructPix2Pix, eq. 3, with the
+    pose as the first condition): ``e(0, 0) + s_p (e(p, 0) - e(0, 0)) + s_t (e(p, c) - e(p, 0))``
+    from the outputs without pose or caption, with the pose only, and with both. ``s_p = 1``
+    is ordinary text guidance with the pose in both branches."""
+    return neither + pose_scale * (pose_only - neither) + text_scale * (both - pose_only)
 
 
 def make_scheduler(name: str, train_config: dict) -> SchedulerMixin:

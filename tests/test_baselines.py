@@ -20,6 +20,7 @@ from lightning_modules.humansd import (
     surrogate_heatmaps,
 )
 from lightning_modules.pose_conditioned import PoseConditionedDiffusion
+from lightning_modules.sampling import pose_and_text_guidance
 from metrics.heatmap_networks import HeatmapNetwork, average_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,3 +267,37 @@ def test_tiny_config_fast_dev_run(name, synthetic_dir, tmp_path, monkeypatch):
         ]
     )
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_pose_and_text_guidance_by_hand():
+    neither, pose_only, both = torch.tensor(1.0), torch.tensor(3.0), torch.tensor(4.0)
+    # 1 + 2 x (3 - 1) + 7.5 x (4 - 3)
+    assert pose_and_text_guidance(neither, pose_only, both, 2.0, 7.5) == 12.5
+
+
+def test_pose_dropout_and_pose_guidance_come_together():
+    with pytest.raises(ValueError, match="pose_guidance_scale"):
+        PoseConditionedDiffusion(components={"tiny": True}, pose_dropout=0.1)
+    with pytest.raises(ValueError, match="pose_dropout > 0"):
+        PoseConditionedDiffusion(components={"tiny": True}, sampler={"pose_guidance_scale": 2.0})
+
+
+def test_pose_guidance_scale_1_is_text_guidance_with_the_pose_in_both_branches():
+    torch.manual_seed(0)
+    model = PoseConditionedDiffusion(
+        components={"tiny": True}, pose_dropout=0.1, sampler={"pose_guidance_scale": 1.0}
+    )
+    with torch.no_grad():  # make the zero-initialised pose channels matter
+        torch.nn.init.normal_(model.unet.conv_in.weight[:, 4:], std=0.5)
+    poses, prompts = torch.rand(2, 3, 64, 64), ["x", "y"]
+    kw = dict(num_inference_steps=2, guidance_scale=3.0)
+
+    def sample():
+        return model.sample(poses, prompts, generator=torch.Generator().manual_seed(0), **kw)
+
+    three_branch = sample()
+    model.sampler_config.pose_guidance_scale = None
+    two_branch = sample()
+    torch.testing.assert_close(three_branch, two_branch, rtol=0, atol=1e-5)
+    model.sampler_config.pose_guidance_scale = 3.0
+    assert (sample() - two_branch).abs().max() > 1e-3
