@@ -14,20 +14,14 @@ antialiasing. A downscaling transform is therefore split into an area-averaging 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 from skimage.transform import SimilarityTransform
 
 
-@dataclass
-class Alignment:
-    matrix: np.ndarray  # [3, 3] crop pixels -> image pixels
-
-
-def align_hand(crop_keypoints: np.ndarray, body_keypoints: np.ndarray) -> Alignment:
-    """Similarity transform taking ``crop_keypoints`` ``[21, 3]`` onto ``body_keypoints``."""
+def align_hand(crop_keypoints: np.ndarray, body_keypoints: np.ndarray) -> np.ndarray:
+    """Similarity transform ``[3, 3]`` (crop pixels -> image pixels) taking ``crop_keypoints``
+    ``[21, 3]`` onto ``body_keypoints``."""
     both = (crop_keypoints[:, 2] > 0) & (body_keypoints[:, 2] > 0)
     if both.sum() < 2:
         raise ValueError("aligning a hand needs at least two keypoints labelled in both")
@@ -35,7 +29,7 @@ def align_hand(crop_keypoints: np.ndarray, body_keypoints: np.ndarray) -> Alignm
     transform = SimilarityTransform.from_estimate(src, dst)
     if not transform:  # scikit-image returns a falsy failure object for degenerate points
         raise ValueError(f"no similarity transform fits these keypoints: {transform}")
-    return Alignment(transform.params)
+    return transform.params
 
 
 def prefiltered(
@@ -58,16 +52,17 @@ def prefiltered(
 
 def paste_hands(
     size: tuple[int, int],
-    hands: list[tuple[np.ndarray, np.ndarray, Alignment]],
+    hands: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Warp each ``(image [h, w, 3] float [0, 1], mask [h, w] float [0, 1], alignment)`` onto an
+    """Warp each ``(image [h, w, 3] float [0, 1], mask [h, w] float [0, 1], matrix [3, 3])``,
+    the matrix from :func:`align_hand`, onto an
     empty canvas of ``size`` = (W, H). Returns the canvas ``[H, W, 3]`` (0 outside the hands)
     and the known-region mask ``[H, W]`` in {0, 1}; later hands cover earlier ones."""
     width, height = size
     canvas = np.zeros((height, width, 3), np.float32)
     known = np.zeros((height, width), np.float32)
-    for image, mask, alignment in hands:
-        image, mask, crop_to_image = prefiltered(image, mask, alignment.matrix)
+    for image, mask, matrix in hands:
+        image, mask, crop_to_image = prefiltered(image, mask, matrix)
         # cv2 works in pixel-centre coordinates, the keypoints in pixel-corner ones
         shift = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
         unshift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.full_body_datamodule import letterbox
 from datamodules.hand_crops import HandCropConfig
 from datamodules.hand_datamodule import hand_examples
-from datamodules.schema import BODY_KEYPOINTS, HAND_KEYPOINTS, Person, Sample
+from datamodules.schema import BODY_KEYPOINTS, HAND_KEYPOINTS, Person, Sample, person_area
 from datamodules.shards import (
     SkipCounter,
     check_shards,
@@ -42,8 +42,9 @@ from datamodules.shards import (
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 Fit = Literal["stretch", "letterbox"]
-# key -> (caption, body [P, 17, 3], hands [Q, 21, 3]) in the pixels of the resized image
-Conditions = dict[str, tuple[str, torch.Tensor, torch.Tensor]]
+# key -> (caption, body [P, 17, 3], hands [Q, 21, 3], their persons' areas [Q], category), in
+# the pixels of the resized image
+Conditions = dict[str, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, str]]
 
 
 def stable_id(key: str) -> int:
@@ -64,22 +65,38 @@ def select_subset(urls: Sequence[str], size: int | None, seed: int = 0) -> list[
     return keys if size is None else keys[:size]
 
 
-def _poses(people: list[Person], scale: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    bodies = [p.body * np.r_[scale, 1.0] for p in people]
-    hands = [
-        h * np.r_[scale, 1.0] for p in people for h in (p.left_hand, p.right_hand) if h is not None
-    ]
+def _poses(
+    people: list[Person], scale: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bodies ``[P, 17, 3]``, hands ``[Q, 21, 3]`` and each hand's person area ``[Q]``, scaled."""
+    factor = np.r_[scale, 1.0]
+    scaled = [
+        Person(p.bbox, p.body * factor,
+               *(None if h is None else h * factor for h in (p.left_hand, p.right_hand)))
+        for p in people
+    ]  # fmt: skip
+    hands = [(h, person_area(p)) for p in scaled for h in (p.left_hand, p.right_hand)]
+    hands = [(h, area) for h, area in hands if h is not None]
     return (
-        torch.tensor(np.array(bodies)).reshape(-1, BODY_KEYPOINTS, 3),
-        torch.tensor(np.array(hands)).reshape(-1, HAND_KEYPOINTS, 3),
+        torch.tensor(np.array([p.body for p in scaled])).reshape(-1, BODY_KEYPOINTS, 3),
+        torch.tensor(np.array([h for h, _ in hands])).reshape(-1, HAND_KEYPOINTS, 3),
+        torch.tensor([area for _, area in hands], dtype=torch.float64),
     )
 
 
 def to_record(
-    key: str, pixels: np.ndarray, caption: str, body: torch.Tensor, hands: torch.Tensor
+    key: str,
+    pixels: np.ndarray,
+    caption: str,
+    body: torch.Tensor,
+    hands: torch.Tensor,
+    hand_areas: torch.Tensor,
+    category: str = "",
 ) -> dict:
     """``image`` ``[3, R, R]`` in [0, 1] from ``pixels`` ``[R, R, 3]`` uint8, ``body``
-    ``[P, 17, 3]``, ``hands`` ``[Q, 21, 3]`` (already in those pixels)."""
+    ``[P, 17, 3]``, ``hands`` ``[Q, 21, 3]`` (already in those pixels) with their persons'
+    areas ``[Q]`` (0: unknown, the hand's own box is used), and the sample's
+    ``source.category`` (e.g. a Human-Art scene; "" when it has none)."""
     return {
         "key": key,
         "id": stable_id(key),
@@ -87,6 +104,8 @@ def to_record(
         "caption": caption,
         "body": body,
         "hands": hands,
+        "hand_areas": hand_areas,
+        "category": category,
     }
 
 
@@ -98,9 +117,11 @@ def read_resized(path: str | os.PathLike, resolution: int) -> np.ndarray:
 
 def units(
     sample: Sample, resolution: int, fit: Fit, hand_crops: HandCropConfig | None
-) -> Iterator[tuple[str, np.ndarray, str, torch.Tensor, torch.Tensor]]:
-    """The evaluation units of a real sample: ``(key, pixels [R, R, 3], caption, body, hands)``
-    with keypoints in those pixels: the whole image, or one crop per visible hand."""
+) -> Iterator[tuple]:
+    """The evaluation units of a real sample: ``(key, pixels [R, R, 3], caption, body, hands,
+    hands' person areas, category)`` with keypoints and areas in those pixels: the whole image,
+    or one crop per visible hand."""
+    category = str(sample.source.get("category") or "")
     if hand_crops is not None:
         crops = hand_examples(sample, False, random.Random(0), replace(hand_crops, flip_prob=0.0))
         for crop in crops:
@@ -110,16 +131,19 @@ def units(
             )
             pixels = Image.fromarray(pixels.byte().numpy()).resize((resolution,) * 2, Image.BICUBIC)
             yield (crop["hand_key"], np.asarray(pixels), crop["caption"],
-                   torch.zeros(0, BODY_KEYPOINTS, 3, dtype=torch.float64), hands[None])  # fmt: skip
+                   torch.zeros(0, BODY_KEYPOINTS, 3, dtype=torch.float64), hands[None],
+                   torch.tensor([crop["person_area"] * (resolution / crop["image"].shape[-1]) ** 2],
+                                dtype=torch.float64),
+                   category)  # fmt: skip
         return
     if fit == "letterbox":
         pixels, _, people = letterbox(sample, resolution)
-        yield (sample.key, pixels, sample.caption, *_poses(people, np.ones(2)))
+        yield (sample.key, pixels, sample.caption, *_poses(people, np.ones(2)), category)
         return
     width, height = sample.image.size
     pixels = np.asarray(sample.image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
     scale = np.array([resolution / width, resolution / height])
-    yield (sample.key, pixels, sample.caption, *_poses(sample.people, scale))
+    yield (sample.key, pixels, sample.caption, *_poses(sample.people, scale), category)
 
 
 def collate_records(records: list[dict]) -> dict:
@@ -131,6 +155,8 @@ def collate_records(records: list[dict]) -> dict:
         "caption": [r["caption"] for r in records],
         "body": [r["body"] for r in records],
         "hands": [r["hands"] for r in records],
+        "hand_areas": [r["hand_areas"] for r in records],
+        "category": [r["category"] for r in records],
     }
 
 
@@ -176,14 +202,14 @@ def read_conditions(
     keys: frozenset[str] | None = None,
     hand_crops: HandCropConfig | None = None,
 ) -> Conditions:
-    """Key -> (caption, body, hands) of every evaluation unit of the valid samples in
-    ``urls`` (pixels are not kept)."""
+    """Key -> (caption, body, hands, hand areas, category) of every evaluation unit of the
+    valid samples in ``urls`` (pixels are not kept)."""
     raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
     return {
-        key: (caption, body, hands)
+        key: conditions
         for s in validated_samples(raw, SkipCounter())
         if keys is None or s.key in keys
-        for key, _, caption, body, hands in units(s, resolution, fit, hand_crops)
+        for key, _, *conditions in units(s, resolution, fit, hand_crops)
     }
 
 

@@ -77,7 +77,8 @@ def hand_crop(
 
     Returns ``image`` ``[3, R, R]`` in [-1, 1], ``pose_image`` ``[3, R, R]`` in [0, 1] (skeleton),
     ``mask`` ``[1, R, R]`` in {0, 1}, ``mask_from_file`` (False: convex hull of the keypoints),
-    ``keypoints`` ``[21, 3]`` at crop resolution, ``is_right``, ``caption``, ``key``.
+    ``keypoints`` ``[21, 3]`` at crop resolution, ``crop_scale`` (crop pixels per source
+    pixel), ``is_right``, ``caption``, ``key``.
     """
     res = config.resolution
     x0, y0, side = crop_box(keypoints, config.margin, config.min_crop_size)
@@ -102,6 +103,7 @@ def hand_crop(
     skeleton, caption = hand_condition(points, is_right, caption, config)
     return {
         "image": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1,
+        "crop_scale": res / side,  # crop pixels per source pixel
         "pose_image": torch.from_numpy(skeleton).permute(2, 0, 1).float() / 255,
         "mask": torch.from_numpy(mask.copy())[None],
         "mask_from_file": sample.mask is not None,
@@ -113,10 +115,10 @@ def hand_crop(
 
 
 def visible_hands(sample: Sample, config: HandCropConfig):
-    """Yield ``(keypoints, is_right)`` for each hand with enough labelled keypoints."""
+    """Yield ``(keypoints, is_right, person)`` for each hand with enough labelled keypoints."""
     for person in sample.people:
         for keypoints, is_right in ((person.left_hand, False), (person.right_hand, True)):
             if keypoints is not None and (keypoints[:, 2] > 0).sum() >= max(
                 config.min_visible_keypoints, 2
             ):
-                yield keypoints, is_right
+                yield keypoints, is_right, person

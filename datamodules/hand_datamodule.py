@@ -8,19 +8,20 @@ from dataclasses import replace
 from functools import partial
 
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
-from datamodules.schema import Sample
+from datamodules.schema import Sample, person_area
 from datamodules.shard_datamodule import ExampleFn, ShardDataModule
 
 
 def hand_examples(
     sample: Sample, augment: bool, rng: random.Random, config: HandCropConfig
 ) -> Iterator[dict]:
-    """One crop per visible hand (``hand_key`` = ``<key>_hand<n>``); no flips for validation
-    data."""
+    """One crop per visible hand (``hand_key`` = ``<key>_hand<n>``, ``person_area``: the area of
+    its person's keypoint box in crop pixels); no flips for validation data."""
     config = config if augment else replace(config, flip_prob=0.0)
-    for n, (keypoints, is_right) in enumerate(visible_hands(sample, config)):
+    for n, (keypoints, is_right, person) in enumerate(visible_hands(sample, config)):
         example = hand_crop(sample, keypoints, is_right, config, rng)
         example["hand_key"] = f"{sample.key}_hand{n}"
+        example["person_area"] = person_area(person) * example["crop_scale"] ** 2
         yield example
 
 

@@ -1,4 +1,5 @@
-"""The one sample schema every converter writes and every datamodule reads (DESIGN.md).
+"""The one sample schema every converter writes and every datamodule reads (README: "Real
+weights and data").
 
 A raw WebDataset sample is a dict of bytes keyed by extension (``jpg``/``png``, ``json``,
 optional ``mask.png`` and ``txt``). :func:`decode_sample` turns it into a :class:`Sample`
@@ -46,6 +47,17 @@ class Person:
     body: np.ndarray  # [17, 3] (x, y, v), pixels of the stored image
     left_hand: np.ndarray | None = None  # [21, 3] or None
     right_hand: np.ndarray | None = None
+
+
+def person_area(person: Person) -> float:
+    """Area of the box of a person's labelled keypoints, body and hands: the OKS scale its hands
+    are scored with (COCO-WholeBody scores hands with the whole person's area)."""
+    parts = [person.body] + [h for h in (person.left_hand, person.right_hand) if h is not None]
+    points = np.concatenate([p[p[:, 2] > 0, :2] for p in parts])
+    if len(points) < 2:
+        return 0.0
+    width, height = points.max(0) - points.min(0)
+    return float(width * height)
 
 
 @dataclass

@@ -66,6 +66,9 @@ class EvalSet:
     batch_size: int = 8
     num_workers: int = 0
     grid_size: int = 4  # poses in the side-by-side comparison grid
+    # HumanSD's inference-time protocol: the first pose alone (batch 1), mean of this many
+    # runs after a warm-up (seconds_per_image_batch1); 0 = off
+    timing_runs: int = 0
 
 
 def load_config(files: list[str], overrides: list[str] = ()):
@@ -150,6 +153,7 @@ def evaluate_method(
     table must show (e.g. where the two-stage hand masks came from)."""
     images = out / method / "images"
     predictor = instantiate(node, out_dir=str(images), seed=container.get("seed", 0))
+    predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
     data = predictor.prediction_datamodule(
         eval_set.shards, keys, eval_set.batch_size, eval_set.num_workers

@@ -101,7 +101,8 @@ def load_trained(model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
 
 def load_module(config_path: str, ckpt_path: str | None, overrides: list[str] = ()):
     """The model of an experiment config, with ``ckpt_path`` (a file or ``last``: the newest
-    ``last.ckpt`` of the config's run name) loaded. Returns ``(model, config container)``."""
+    ``last.ckpt`` of the config's run name) loaded and its EMA weights, if any, baked in for
+    sampling. Returns ``(model, config container)``."""
     cfg, provenance = load_config([config_path], overrides)
     container = OmegaConf.to_container(cfg, resolve=True)
     model = _build("model", container["model"], provenance)
@@ -114,6 +115,7 @@ def load_module(config_path: str, ckpt_path: str | None, overrides: list[str] = 
         ckpt_path = str(last)
     if ckpt_path:
         load_trained(model, ckpt_path)
+    model.bake_ema()
     return model.eval(), container
 
 

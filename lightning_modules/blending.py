@@ -16,8 +16,8 @@ gets a proportionally small halo; ``"px"`` in image pixels.
 Why pixels and a bounded radius: dilating the latent mask once per step (3x3 cells, 8 px at
 SD's scale) grows a 50-step schedule's first mask by 49 cells = 392 px, which at 512 px covers
 the whole image for the first ~15 steps, so the outpainter's early (layout-deciding) steps were
-overwritten by the grey canvas. With the default (one hand size) two 48-px hands blend ~16 % of
-a 512 px image at the first step.
+overwritten by the grey canvas. With the default (one hand size) two 48-px hands blend about
+14 % of a 512 px image at the first step.
 
 A latent cell is blended when more than ``known_fraction`` of its pixels are in the mask (not
 when any is): a cell that is mostly canvas background would otherwise write the grey fringe
@@ -151,8 +151,6 @@ class LatentBlender:
         self.masks: list[torch.Tensor] | None = None
 
     def __call__(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        if self.config.mode == "none":
-            return latents
         timesteps = self.scheduler.timesteps
         if self.masks is None:
             size = tuple(self.canvas.shape[-2:])

@@ -291,6 +291,14 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         finally:
             self.ema.restore(params)
 
+    def bake_ema(self) -> None:
+        """Copy the EMA weights into the model for good and drop the EMA: a model loaded for
+        sampling only then runs each call without :meth:`ema_weights`' three full-parameter
+        copies (store, copy in, restore), which timed runs would otherwise include."""
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable_parameters())
+            self.ema = None
+
     # ----------------------------------------------------------------- checkpoints
     def _is_frozen_key(self, key: str) -> bool:
         return key.split(".", 1)[0] in self.frozen_modules

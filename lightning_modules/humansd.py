@@ -144,14 +144,25 @@ class HumanSD(PoseConditionedDiffusion):
             compile=compile,
         )
         self.heatmap = as_config(HeatmapWeightConfig, heatmap)
+        if self.heatmap.source == "network" and not self.heatmap.network:
+            raise ValueError("heatmap.source='network' needs heatmap.network (target/params)")
         self.heatmap_network = None
-        if self.heatmap.source == "network":
-            if not self.heatmap.network:
-                raise ValueError("heatmap.source='network' needs heatmap.network (target/params)")
+
+    def setup(self, stage: str) -> None:
+        # the loss needs the network; sampling does not, so a model loaded only to sample
+        # (evaluation) never builds it (an mmpose network needs a compiled mmcv)
+        if stage in ("fit", "validate"):
+            self.build_heatmap_network()
+        super().setup(stage)
+
+    def build_heatmap_network(self) -> torch.nn.Module | None:
+        """The frozen pose network of ``source="network"``, built on first use."""
+        if self.heatmap.source == "network" and self.heatmap_network is None:
             from experiments.config import instantiate
 
-            self.heatmap_network = instantiate(self.heatmap.network)
+            self.heatmap_network = instantiate(self.heatmap.network).to(self.device)
             self.freeze("heatmap_network")
+        return self.heatmap_network
 
     @torch.no_grad()
     def heatmaps(self, batch: dict, prediction: torch.Tensor, noise: torch.Tensor):
@@ -159,7 +170,9 @@ class HumanSD(PoseConditionedDiffusion):
         if self.heatmap.source == "gt":
             size = tuple(batch["image"].shape[-2:])
             return surrogate_heatmaps(batch["body_keypoints"], size, self.heatmap)
-        return self.heatmap_network(self.decode_latents(prediction.detach() - noise)).float()
+        network = self.build_heatmap_network()
+        difference = self.decode_latents(prediction.detach() - noise)
+        return network(difference.to(next(network.parameters(), difference).dtype)).float()
 
     @torch.no_grad()
     def weight_map(

@@ -54,15 +54,16 @@ class MethodPredictor(GenerationPredictor):
             for p in people
         ])  # fmt: skip
 
-    def predict_step(self, batch: dict, batch_idx: int) -> None:
-        with self.timed(len(batch["key"])):
-            images = self.method.sample(
-                self.pose_images(batch["people"]),
-                batch["caption"],
-                generator=self.generators(batch["key"]),
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-            )
+    def sample_batch(self, batch: dict) -> torch.Tensor:
+        return self.method.sample(
+            self.pose_images(batch["people"]),
+            batch["caption"],
+            generator=self.generators(batch["key"]),
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def write_outputs(self, batch: dict, images: torch.Tensor) -> None:
         for key, image in zip(batch["key"], images, strict=True):
             self.write(key, image)
 
@@ -99,16 +100,17 @@ class HandPredictor(GenerationPredictor):
             shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir), self.crop
         )
 
-    def predict_step(self, batch: dict, batch_idx: int) -> None:
-        with self.timed(len(batch["key"])):
-            images, masks = self.method.sample(
-                batch["pose_image"].to(self.device),
-                batch["caption"],
-                generator=self.generators(batch["key"]),
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-            )
+    def sample_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.sample(
+            batch["pose_image"].to(self.device),
+            batch["caption"],
+            generator=self.generators(batch["key"]),
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def write_outputs(self, batch: dict, outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
         (self.out_dir / "masks").mkdir(exist_ok=True)
-        for key, image, mask in zip(batch["key"], images, masks, strict=True):
-            self.write(key, image)
+        for key, image, mask in zip(batch["key"], *outputs, strict=True):
             self.write(f"masks/{key}", mask.expand(3, -1, -1))
+            self.write(key, image)

@@ -65,15 +65,17 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         )
         self.pose_dropout = pose_dropout
         pose_scale = self.sampler_config.pose_guidance_scale
+        if conditioning == "none" and (pose_dropout > 0 or pose_scale is not None):
+            raise ValueError("conditioning='none' has no pose to drop or to guide by")
         if pose_dropout > 0 and pose_scale is None:
             raise ValueError(
                 f"pose_dropout={pose_dropout} trains a null pose that only pose guidance uses: "
                 "set sampler.pose_guidance_scale (1.0 = text guidance alone) or pose_dropout=0"
             )
-        if pose_scale is not None and (pose_dropout == 0 or conditioning == "none"):
+        if pose_scale is not None and pose_dropout == 0:
             raise ValueError(
                 f"sampler.pose_guidance_scale={pose_scale} needs a null pose the model learned: "
-                "train with pose_dropout > 0 (and a pose conditioning)"
+                "train with pose_dropout > 0"
             )
         kwargs = {}
         if conditioning == "controlnet":

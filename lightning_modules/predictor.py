@@ -3,6 +3,7 @@ files, timing records, and the data and scoring settings the evaluation harness 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -31,13 +32,17 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class GenerationPredictor(L.LightningModule):
+class GenerationPredictor(L.LightningModule, abc.ABC):
     """Base of the predictors: writes ``<out_dir>/<key>.png`` and, per batch, the seconds and
     number of images to ``<out_dir>/timing-rank<r>.jsonl`` (appended, so resumed runs keep the
     record; the first batch of each run is marked ``warmup``).
 
+    ``timing_runs > 0`` adds HumanSD's inference-time protocol: after generating, the first
+    pose is sampled alone (batch 1) once to warm up and then ``timing_runs`` times, and the
+    mean is written to ``<out_dir>/timing-batch1-rank<r>.json``.
+
     Subclasses set ``self.resolution`` (the square they generate at) and implement
-    :meth:`predict_step`, timing the sampling call with :meth:`timed`.
+    :meth:`sample_batch` (the timed sampling call) and :meth:`write_outputs`.
     """
 
     def __init__(self, out_dir: str, seed: int):
@@ -50,7 +55,43 @@ class GenerationPredictor(L.LightningModule):
         self.scoring_metrics: dict = {}
         # choices a results table must show beside the method's name (e.g. the mask source)
         self.settings: dict[str, str] = {}
+        self.timing_runs = 0
         self._timed_batches = 0
+        self._first_pose: dict | None = None
+
+    @abc.abstractmethod
+    def sample_batch(self, batch: dict):
+        """Generate for one batch of poses (what is timed); returns what
+        :meth:`write_outputs` writes."""
+
+    @abc.abstractmethod
+    def write_outputs(self, batch: dict, outputs) -> None:
+        """Write the generated images of ``batch`` (the image file last: it marks the key
+        done for a resumed run)."""
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        if self._first_pose is None:
+            self._first_pose = {k: v[:1] for k, v in batch.items()}
+        with self.timed(len(batch["key"])):
+            outputs = self.sample_batch(batch)
+        self.write_outputs(batch, outputs)
+
+    def on_predict_end(self) -> None:
+        if self.timing_runs > 0 and self._first_pose is not None:
+            self.time_batch1(self._first_pose, self.timing_runs)
+
+    def time_batch1(self, pose: dict, runs: int) -> dict:
+        """HumanSD's protocol: seconds of ``runs`` batch-1 sampling calls after one warm-up."""
+        self.sample_batch(pose)
+        seconds = []
+        for _ in range(runs):
+            with SynchronizedClock() as clock:
+                self.sample_batch(pose)
+            seconds.append(clock.seconds)
+        record = {"seconds": seconds, "mean": sum(seconds) / runs, "device": str(self.device)}
+        file = self.out_dir / f"timing-batch1-rank{self.global_rank}.json"
+        file.write_text(json.dumps(record))
+        return record
 
     def prediction_datamodule(
         self, shards: str | Sequence[str], keys: Sequence[str] | None, batch_size: int,
@@ -83,7 +124,14 @@ class GenerationPredictor(L.LightningModule):
     def summary(self) -> dict[str, float]:
         """Values for the results table read from what every rank wrote (timings here;
         subclasses add their own)."""
-        return read_timings(self.out_dir)
+        out = read_timings(self.out_dir)
+        batch1 = [
+            json.loads(f.read_text())["mean"]
+            for f in sorted(self.out_dir.glob("timing-batch1-rank*.json"))
+        ]
+        if batch1:
+            out["seconds_per_image_batch1"] = sum(batch1) / len(batch1)
+        return out
 
     def generators(self, keys: list[str]) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in seeds_for(keys, self.seed)]

@@ -103,6 +103,12 @@ def check_hands(detector: PoseEstimator, images: torch.Tensor, plans: list[HandP
     return checks
 
 
+def add_hand_checks(reports: list[ImageReport], plans: list[HandPlan], checks: list[dict]):
+    """File each hand's check under its image's report."""
+    for plan, check in zip(plans, checks, strict=True):
+        reports[plan.image].hand_checks.append(check)
+
+
 def summarise_checks(checks: list[dict]) -> dict[str, float]:
     """Aggregate of :func:`check_hands` records: detection rate, mean errors over detected
     hands, and the fraction of detected hands whose side the detector agrees with."""
@@ -211,16 +217,14 @@ class TwoStagePipeline:
         """``people`` in pixels of the ``body.resolution`` square. Returns ``images``
         ``[B, 3, R, R]``, ``canvases`` ``[B, 3, R, R]`` and ``known_masks`` ``[B, 1, R, R]`` in
         [0, 1], ``hand_images``/``hand_masks`` ``[N, ., r, r]`` for the N generated hands,
-        ``hand_owner`` (image index of each hand) and one :class:`ImageReport` per image."""
+        their ``plans`` and ``hand_owner`` (image index of each hand), the ``seeds`` and one
+        :class:`ImageReport` per image."""
         res = self.body.resolution
         plans, reports = plan_hands(people, self.crop, self.min_hand_size, seeds)
         kw = dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
         hand_images, hand_masks = self.generate_hands(plans, prompts, **kw)
-        if self.hand_detector is not None and plans:
-            for plan, check in zip(
-                plans, check_hands(self.hand_detector, hand_images, plans), strict=True
-            ):
-                reports[plan.image].hand_checks.append(check)
+        if self.hand_detector is not None:
+            add_hand_checks(reports, plans, check_hands(self.hand_detector, hand_images, plans))
         canvases, known = [], []
         for i in range(len(people)):
             pasted = [
@@ -255,7 +259,8 @@ class TwoStagePipeline:
         return {
             "images": images.cpu(), "skeletons": skeletons, "canvases": canvases,
             "known_masks": known, "hand_images": hand_images, "hand_masks": hand_masks,
-            "hand_owner": [p.image for p in plans], "reports": reports,
+            "plans": plans, "hand_owner": [p.image for p in plans], "seeds": seeds,
+            "reports": reports,
         }  # fmt: skip
 
 
@@ -268,7 +273,8 @@ class TwoStagePredictor(GenerationPredictor):
     share a file). The seed of an image is ``seed`` + a stable hash of its key.
 
     ``check_hands`` runs MediaPipe Hands (the offline detector shipped with mediapipe) on each
-    generated hand; :meth:`summary` aggregates the checks of every rank's report."""
+    generated hand, after the timed sampling call; :meth:`summary` aggregates the checks of
+    every rank's report."""
 
     def __init__(
         self,
@@ -304,8 +310,10 @@ class TwoStagePredictor(GenerationPredictor):
             guidance_scale,
             blend,
             hand_mask,
-            # a small confidence: generated hands at crop size are judged, not found in a scene
-            MediaPipeHands(max_num_hands=2, min_detection_confidence=0.3) if check_hands else None,
+        )
+        # a small confidence: generated hands at crop size are judged, not found in a scene
+        self.hand_detector = (
+            MediaPipeHands(max_num_hands=2, min_detection_confidence=0.3) if check_hands else None
         )
         self.resolution = body.resolution
         self.settings = {"hand_mask": self.pipeline.hand_mask}
@@ -321,10 +329,14 @@ class TwoStagePredictor(GenerationPredictor):
         ]
         return {**super().summary(), **summarise_checks(checks)}
 
-    def predict_step(self, batch: dict, batch_idx: int) -> None:
-        seeds = seeds_for(batch["key"], self.seed)
-        with self.timed(len(batch["key"])):
-            out = self.pipeline(batch["people"], batch["caption"], seeds)
+    def sample_batch(self, batch: dict) -> dict:
+        return self.pipeline(batch["people"], batch["caption"], seeds_for(batch["key"], self.seed))
+
+    def write_outputs(self, batch: dict, out: dict) -> None:
+        if self.hand_detector is not None:
+            checks = check_hands(self.hand_detector, out["hand_images"], out["plans"])
+            add_hand_checks(out["reports"], out["plans"], checks)
+        seeds = out["seeds"]
         inter = self.out_dir / "intermediate"
         inter.mkdir(parents=True, exist_ok=True)
         report_file = self.out_dir / f"report-rank{self.global_rank}.jsonl"

@@ -9,6 +9,7 @@ writes ``results.json`` and ``results.md`` to ``results_dir``. TensorBoard gets 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -18,17 +19,19 @@ import torchmetrics
 
 from experiments.config import instantiate
 from metrics.clip_sim import CLIPSim
-from metrics.fid_kid import FID, KID
+from metrics.fid_kid import FID, KID, CategoryFIDKID
 from metrics.hand_pose import HandPoseAccuracy
-from metrics.pose_ap import PoseAP
+from metrics.pose_ap import GtArea, PoseAP
 
 # (key, higher is better, scale for the table): the table shows AP-like values x 100 and
 # KID x 10, as HumanSD's Table 1 does.
 COLUMNS = (
-    ("fid", False, 1), ("kid_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
-    ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("hand_ap", True, 100),
-    ("pck@0.2", True, 100), ("detection_rate", True, 100), ("stage1_detection_rate", True, 100),
+    ("fid", False, 1), ("kid_mean", False, 10), ("fid_category_mean", False, 1),
+    ("kid_category_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
+    ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("pck@0.2", True, 100),
+    ("hand_mke", False, 100), ("detection_rate", True, 100), ("stage1_detection_rate", True, 100),
     ("stage1_error_rel", False, 100), ("seconds_per_image", False, 1),
+    ("seconds_per_image_batch1", False, 1),
 )  # fmt: skip
 
 MEDIAPIPE_BODY = {"target": "metrics.pose_estimators.MediaPipeBody", "params": {}}
@@ -54,9 +57,11 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in rows.items():
-        # COCOeval's -1 means "no ground truth in this area range": not a score
+        # COCOeval's -1 means "no ground truth in this area range", NaN "nothing to measure"
         cells = [
-            format_value(values[k] * s) if k in values and not (s == 100 and values[k] < 0) else "–"
+            format_value(values[k] * s)
+            if k in values and not (s == 100 and values[k] < 0) and not math.isnan(values[k])
+            else "–"
             for k, _, s in present
         ]
         lines.append("| " + " | ".join([method, *cells]) + " |")
@@ -72,6 +77,13 @@ class Evaluator(L.LightningModule):
     (weights from ``inception_weights`` or torch's cache), ``clip_model: null`` OpenAI CLIP
     ``clip_model_name``/``clip_pretrained`` through open_clip. Set an estimator to null to skip
     its metrics.
+
+    ``per_category``: FID and KID also per ``source.category`` of the samples (Human-Art's
+    scenes) and their mean over categories, as HumanSD's Table 1 reports them, beside the
+    pooled values over all images (``fid_category_mean``, ``kid_category_mean``; each
+    category's values in ``results.json`` under ``per_category``). ``gt_area``: the body AP's
+    OKS scale (:class:`~metrics.pose_ap.PoseAP`): ``labelled`` (the box of the labelled
+    keypoints, default) or ``humansd_code`` (HumanSD's released evaluation code).
     """
 
     def __init__(
@@ -88,6 +100,8 @@ class Evaluator(L.LightningModule):
         clip_pretrained: str = "openai",
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
+        per_category: bool = False,
+        gt_area: GtArea = "labelled",
         seed: int = 0,
     ):
         super().__init__()
@@ -97,31 +111,39 @@ class Evaluator(L.LightningModule):
         self.kid = KID(
             extractor, kid_subsets, kid_subset_size, inception_weights, antialias, seed=seed
         )
+        self.categories = (
+            CategoryFIDKID(kid_subsets, kid_subset_size, seed=seed) if per_category else None
+        )
         if clip_model:
             self.clip = CLIPSim(instantiate(clip_model), open_clip.get_tokenizer(clip_model_name))
         else:
             self.clip = CLIPSim(model_name=clip_model_name, pretrained=clip_pretrained)
         self.body_estimator = instantiate(body_estimator) if body_estimator else None
         self.hand_estimator = instantiate(hand_estimator) if hand_estimator else None
-        self.pose = PoseAP(kind="body")
+        self.pose = PoseAP(kind="body", gt_area=gt_area)
         self.hands = HandPoseAccuracy()
         self.results: dict[str, float] = {}  # of the last test run, on every rank
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         images = batch["image"]
-        if dataloader_idx == 1:
-            self.fid.update(images, real=True)
-            self.kid.update(images, real=True)
+        real = dataloader_idx == 1
+        self.fid.update(images, real=real)
+        self.kid.update(images, real=real)
+        if self.categories is not None:
+            self.categories.update(self.fid.inception(images), real, batch["category"])
+        if real:
             return
-        self.fid.update(images, real=False)
-        self.kid.update(images, real=False)
         self.clip.update(images, batch["caption"])
         if self.body_estimator is not None:
             preds = self.body_estimator.estimate(images)
             self.pose.update(preds, [{"keypoints": b} for b in batch["body"]], batch["id"])
         if self.hand_estimator is not None:
             preds = self.hand_estimator.estimate(images)
-            self.hands.update(preds, [{"keypoints": h} for h in batch["hands"]], batch["id"])
+            targets = [
+                {"keypoints": h, "areas": a}
+                for h, a in zip(batch["hands"], batch["hand_areas"], strict=True)
+            ]
+            self.hands.update(preds, targets, batch["id"])
 
     def compute_results(self) -> dict[str, float]:
         """Every metric from the synced states (call on every rank: it all-gathers)."""
@@ -135,17 +157,25 @@ class Evaluator(L.LightningModule):
         results = {"fid": self.fid.compute()}
         results["kid_mean"], results["kid_std"] = self.kid.compute()
         results["clipsim"] = self.clip.compute()
+        per_category = {}
+        if self.categories is not None:
+            by_category = self.categories.compute()
+            per_category = {"fid": by_category.pop("fid"), "kid": by_category.pop("kid")}
+            results.update(by_category)
         if self.body_estimator is not None:
             results.update(self.pose.compute())
         if self.hand_estimator is not None:
             results.update(self.hands.compute())
         out = {k: float(v) for k, v in results.items()}
         out.update(n_generated=n_fake, n_real=n_real, kid_subset_size=self.kid.subset_size)
+        if per_category:
+            out["per_category"] = per_category
         return out
 
     def on_test_epoch_end(self) -> None:
         results = self.results = self.compute_results()
-        self.log_dict({f"eval/{k}": v for k, v in results.items()}, rank_zero_only=True)
+        scalars = {f"eval/{k}": v for k, v in results.items() if not isinstance(v, dict)}
+        self.log_dict(scalars, rank_zero_only=True)
         if self.trainer.is_global_zero:
             self.write_results(results)
 
@@ -159,6 +189,8 @@ class Evaluator(L.LightningModule):
             or f"{self.hparams.clip_model_name}/{self.hparams.clip_pretrained}",
             "body_estimator": (self.hparams.body_estimator or {}).get("target"),
             "hand_estimator": (self.hparams.hand_estimator or {}).get("target"),
+            "gt_area": self.hparams.gt_area,
+            "per_category": self.hparams.per_category,
             "world_size": self.trainer.world_size,
             "torchmetrics": torchmetrics.__version__,
         }

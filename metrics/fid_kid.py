@@ -8,13 +8,15 @@ loaded from a local file: nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3, _compute_fid
+from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
 from metrics.dist_sync import EmptyRankSafeSync
@@ -148,12 +150,112 @@ class KID(EmptyRankSafeSync, KernelInceptionDistance):
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         for name in ("real_features", "fake_features"):
-            features = dim_zero_cat(getattr(self, name)).double()
-            # a fixed projection gives every feature vector a sort key independent of order
-            key = features @ torch.linspace(
-                1.0, 2.0, features.shape[1], dtype=torch.float64, device=features.device
-            )
-            setattr(self, name, [features[torch.argsort(key)]])
+            setattr(self, name, [_canonical(dim_zero_cat(getattr(self, name)).double())])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return super().compute()
+
+
+class CategoryFIDKID(EmptyRankSafeSync, Metric):
+    """FID and KID per category, and their mean over categories: HumanSD reports FID and KID on
+    Human-Art per scene and averages them (its Table 1), which differs from the pooled score
+    over all images.
+
+    ``update(features, real, categories)`` with features ``[N, D]`` (the Evaluator passes the
+    FID extractor's: one more pass of the feature network when this metric is on) and one
+    category name per image ("" = none, left out).
+    ``compute()`` returns ``{"fid": {name: value}, "kid": {name: value}, "fid_category_mean",
+    "kid_category_mean"}`` over the categories with at least 2 real and 2 generated images;
+    KID per category uses ``min(subset_size, n_real, n_fake)`` and the seeded, canonical-order
+    subsets of :class:`KID`. Names cross DDP ranks as Python objects, features as tensors.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        for side in ("real", "fake"):
+            self.add_state(f"{side}_features", default=[], dist_reduce_fx="cat")
+            self.add_state(f"{side}_categories", default=[], dist_reduce_fx="cat")
+        self._names: dict[int, str] = {}
+
+    def _category_id(self, name: str) -> int:
+        # a stable 62-bit id, the same on every rank and run
+        category_id = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") >> 2
+        self._names[category_id] = name
+        return category_id
+
+    def update(self, features: torch.Tensor, real: bool, categories: list[str]) -> None:
+        side = "real" if real else "fake"
+        ids = [self._category_id(c) if c else -1 for c in categories]
+        getattr(self, f"{side}_features").append(features.double())
+        getattr(self, f"{side}_categories").append(
+            torch.tensor(ids, dtype=torch.long, device=features.device)
+        )
+
+    def _all_names(self) -> dict[int, str]:
+        names = dict(self._names)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, names)
+            for part in gathered:
+                names.update(part)
+        return names
+
+    def _kid(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        size = min(self.subset_size, len(real), len(fake))
+        scores = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for _ in range(self.subsets):
+                f_real = real[torch.randperm(len(real))[:size]]
+                f_fake = fake[torch.randperm(len(fake))[:size]]
+                scores.append(poly_mmd(f_real, f_fake))
+        return float(torch.stack(scores).mean())
+
+    def compute(self) -> dict:
+        names = self._all_names()
+        data = {}
+        for side in ("real", "fake"):
+            state = getattr(self, f"{side}_features")
+            # a list before sync (or without DDP), one gathered tensor after
+            if not isinstance(state, list) or state:
+                features = dim_zero_cat(state).double()
+                ids = dim_zero_cat(getattr(self, f"{side}_categories"))
+            else:  # no images of this side at all
+                features, ids = torch.zeros(0, 1, dtype=torch.float64), torch.zeros(0).long()
+            data[side] = (features, ids)
+        fid, kid = {}, {}
+        for category_id, name in sorted(names.items(), key=lambda item: item[1]):
+            real, fake = (
+                _canonical(data[side][0][data[side][1] == category_id]) for side in ("real", "fake")
+            )
+            if len(real) < 2 or len(fake) < 2:
+                continue
+            fid[name] = float(_compute_fid(*_mean_cov(fake), *_mean_cov(real)))
+            kid[name] = self._kid(real, fake)
+        out: dict = {"fid": fid, "kid": kid}
+        if fid:
+            out["fid_category_mean"] = sum(fid.values()) / len(fid)
+            out["kid_category_mean"] = sum(kid.values()) / len(kid)
+        return out
+
+
+def _canonical(features: torch.Tensor) -> torch.Tensor:
+    """Features in an order independent of how ranks delivered them: a fixed projection gives
+    every feature vector a sort key."""
+    key = features @ torch.linspace(
+        1.0, 2.0, features.shape[1], dtype=torch.float64, device=features.device
+    )
+    return features[torch.argsort(key)]
+
+
+def _mean_cov(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance, as torchmetrics' FID from its sums."""
+    n = features.shape[0]
+    mean = features.mean(0)
+    centred = features - mean
+    return mean, centred.T @ centred / (n - 1)

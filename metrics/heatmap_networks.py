@@ -72,7 +72,12 @@ class MMPoseHeatmaps(HeatmapNetwork):
     (HumanSD used HigherHRNet-W48). mmpose's model building needs mmcv compiled with its ops
     (the optional build in ``docs/mmpose.md``); without it, construction says so."""
 
-    def __init__(self, config: str, checkpoint: str, normalize: bool = False):
+    def __init__(self, config: str | None, checkpoint: str | None, normalize: bool = False):
+        if not config or not checkpoint:
+            raise ValueError(
+                f"MMPoseHeatmaps needs a local mmpose model config and checkpoint, got "
+                f"config={config!r}, checkpoint={checkpoint!r}"
+            )
         try:
             from mmpose.apis import init_model
         except (ImportError, ModuleNotFoundError) as exc:

@@ -23,9 +23,11 @@ _STATES = (
     "pred_scores",
     "pred_image",
     "target_keypoints",
+    "target_areas",
     "target_image",
     "image_ids",
 )
+GtArea = Literal["labelled", "humansd_code"]
 
 
 def weighted_cosine_similarity(det: np.ndarray, gt: np.ndarray, sigmas: np.ndarray) -> float:
@@ -79,26 +81,42 @@ class _CosineSimilarityEval(COCOeval):
         return similarity
 
 
-def _labelled_box(keypoints: np.ndarray) -> list[float]:
-    points = keypoints[keypoints[:, 2] > 0, :2]
+def ground_truth_box(keypoints: np.ndarray, gt_area: GtArea = "labelled") -> list[float]:
+    """``[x, y, w, h]`` of a ground-truth person ``[K, 3]``: the box of its labelled keypoints
+    (``labelled``), or, as HumanSD's evaluation code computes it (``humansd_code``), the box
+    over all K rows with unlabelled joints stored as (-1, -1): any missing joint stretches the
+    box to (-1, -1) and enlarges the OKS scale."""
+    if gt_area == "humansd_code":
+        points = np.where(keypoints[:, 2:3] > 0, keypoints[:, :2], -1.0)
+    else:
+        points = keypoints[keypoints[:, 2] > 0, :2]
     x0, y0 = points.min(0)
     x1, y1 = points.max(0)
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
-def coco_ground_truth(image_ids, target_image, target_keypoints) -> COCO:
+def coco_ground_truth(
+    image_ids, target_image, target_keypoints, target_areas=None, gt_area: GtArea = "labelled"
+) -> COCO:
     """An in-memory COCO ground truth under HumanSD's protocol: one annotation per person with
-    at least one labelled keypoint, area = the area of its labelled keypoints' bounding box."""
+    at least one labelled keypoint; area = the given ``target_areas`` entry where it is > 0
+    (e.g. the whole person's for a hand, as COCO-WholeBody), else the area of
+    :func:`ground_truth_box`."""
     annotations = []
-    for n, (image, kp) in enumerate(zip(target_image, target_keypoints, strict=True)):
+    if target_areas is None:
+        target_areas = np.zeros(len(target_keypoints))
+    for n, (image, kp, given_area) in enumerate(
+        zip(target_image, target_keypoints, target_areas, strict=True)
+    ):
         labelled = int((kp[:, 2] > 0).sum())
         if labelled == 0:
             continue
-        box = _labelled_box(kp)
+        box = ground_truth_box(kp, gt_area)
+        area = float(given_area) if given_area > 0 else box[2] * box[3]
         annotations.append({
             "id": n + 1, "image_id": int(image), "category_id": 1, "iscrowd": 0,
             "keypoints": kp.reshape(-1).tolist(), "num_keypoints": labelled,
-            "bbox": box, "area": box[2] * box[3],
+            "bbox": box, "area": area,
         })  # fmt: skip
     coco = COCO()
     coco.dataset = {
@@ -139,13 +157,17 @@ class PoseAP(EmptyRankSafeSync, Metric):
     """COCO keypoint AP, HumanSD's CAP and PCE of detected poses against the given poses.
 
     ``update(preds, target, image_ids=None)``: one dict per image, ``preds[i] = {"keypoints":
-    [N, K, 3] (x, y, score), "scores": [N]}``, ``target[i] = {"keypoints": [M, K, 3] (x, y, v)}``
-    in pixels. ``kind="body"`` is COCO-17 with COCO's sigmas, ``kind="hand"`` the 21-point hand
-    with COCO-WholeBody's hand sigmas (:mod:`metrics.keypoint_sigmas`).
+    [N, K, 3] (x, y, score), "scores": [N]}``, ``target[i] = {"keypoints": [M, K, 3] (x, y, v),
+    "areas": [M] (optional)}`` in pixels. ``kind="body"`` is COCO-17 with COCO's sigmas,
+    ``kind="hand"`` the 21-point hand with COCO-WholeBody's hand sigmas
+    (:mod:`metrics.keypoint_sigmas`). ``areas`` > 0 set a ground truth's OKS scale (a hand
+    scored with its person's area, as COCO-WholeBody does); otherwise ``gt_area`` decides:
+    ``labelled`` (default) the box of its labelled keypoints, ``humansd_code`` HumanSD's
+    released evaluation (:func:`ground_truth_box`).
 
     ``compute()`` returns ``ap, ap50, ap75, ap_m, ap_l`` — exactly pycocotools
-    ``COCOeval(iouType="keypoints").stats[0:5]`` under HumanSD's protocol (ground-truth area =
-    bounding box of its labelled keypoints, COCO's ``maxDets = 20``, every image counted) —
+    ``COCOeval(iouType="keypoints").stats[0:5]`` under HumanSD's protocol (ground-truth area as
+    above, COCO's ``maxDets = 20``, every image counted) —
     ``cap, cap50, cap75, cap_m, cap_l`` (the same with :func:`weighted_cosine_similarity`) and
     ``pce``, the mean over images of |#given people − #detected people|. AP values are
     fractions (HumanSD's tables show them × 100); -1 means no ground truth, as in COCOeval.
@@ -167,11 +189,16 @@ class PoseAP(EmptyRankSafeSync, Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, kind: Literal["body", "hand"] = "body", **kwargs):
+    def __init__(
+        self, kind: Literal["body", "hand"] = "body", gt_area: GtArea = "labelled", **kwargs
+    ):
         super().__init__(**kwargs)
         if kind not in SIGMAS:
             raise ValueError(f"kind={kind!r}: choose one of {sorted(SIGMAS)}")
+        if gt_area not in ("labelled", "humansd_code"):
+            raise ValueError(f"gt_area={gt_area!r}: choose 'labelled' or 'humansd_code'")
         self.kind = kind
+        self.gt_area = gt_area
         self.sigmas = SIGMAS[kind]
         for name in _STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -188,7 +215,7 @@ class PoseAP(EmptyRankSafeSync, Metric):
             image_ids = [(self._seen + i) * world + rank for i in range(len(preds))]
         self._seen += len(preds)
         ids = torch.as_tensor(image_ids, dtype=torch.long, device=self.device).reshape(-1)
-        pk, ps, pi, tk, ti = [], [], [], [], []
+        pk, ps, pi, tk, ta, ti = [], [], [], [], [], []
         for image_id, pred, tgt in zip(ids, preds, target, strict=True):
             kp = torch.as_tensor(pred["keypoints"], dtype=torch.float64, device=self.device)
             kp = kp.reshape(-1, k, 3)
@@ -200,12 +227,19 @@ class PoseAP(EmptyRankSafeSync, Metric):
             t = torch.as_tensor(tgt["keypoints"], dtype=torch.float64, device=self.device)
             t = t.reshape(-1, k, 3)
             tk.append(t)
+            areas = tgt.get("areas")
+            ta.append(
+                torch.zeros(len(t), dtype=torch.float64, device=self.device)
+                if areas is None
+                else torch.as_tensor(areas, dtype=torch.float64, device=self.device).reshape(-1)
+            )
             ti.append(image_id.repeat(len(t)))
         # one tensor per update keeps the list states short (one all-gather each under DDP)
         self.pred_keypoints.append(torch.cat(pk))
         self.pred_scores.append(torch.cat(ps))
         self.pred_image.append(torch.cat(pi))
         self.target_keypoints.append(torch.cat(tk))
+        self.target_areas.append(torch.cat(ta))
         self.target_image.append(torch.cat(ti))
         self.image_ids.append(ids)
 
@@ -214,7 +248,13 @@ class PoseAP(EmptyRankSafeSync, Metric):
         image_ids = np.unique(numpy["image_ids"])
         if len(image_ids) != len(numpy["image_ids"]):
             raise ValueError("PoseAP: image_ids repeat; give ids unique across all updates")
-        gt = coco_ground_truth(image_ids, numpy["target_image"], numpy["target_keypoints"])
+        gt = coco_ground_truth(
+            image_ids,
+            numpy["target_image"],
+            numpy["target_keypoints"],
+            numpy["target_areas"],
+            self.gt_area,
+        )
         dt = coco_detections(gt, numpy["pred_image"], numpy["pred_keypoints"], numpy["pred_scores"])
         oks = COCOeval(gt, dt, "keypoints")
         oks.params.kpt_oks_sigmas = self.sigmas

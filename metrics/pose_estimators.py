@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 # BlazePose's 33 landmarks -> COCO-17 (nose, eyes, ears, shoulders, elbows, wrists, hips,
 # knees, ankles; left before right). BlazePose indices: 0 nose, 2/5 left/right eye (centre),
@@ -66,13 +67,35 @@ class MediaPipeBody:
         return out
 
 
+PALM_LANDMARKS = (0, 5, 9, 13, 17)  # wrist and finger bases: the palm the detector boxes
+
+
+def palm_scores(landmarks: np.ndarray, palms: list[tuple[float, float, float]]) -> np.ndarray:
+    """The detection score of each hand: landmarks ``[N, 21, 2]`` and palm detections
+    ``(centre x, centre y, score)`` in the same coordinates, matched one to one so that the
+    total distance between palm centres and the hands' palm-landmark means is least (the
+    landmark graph drops the palms whose landmarks fail its presence threshold, so the two
+    lists need not align); a hand left without a palm scores 0."""
+    scores = np.zeros(len(landmarks))
+    if len(landmarks) == 0 or not palms:
+        return scores
+    centres = landmarks[:, list(PALM_LANDMARKS)].mean(1)
+    palm_xy = np.array([p[:2] for p in palms])
+    cost = np.linalg.norm(centres[:, None] - palm_xy[None], axis=-1)
+    hands, matched = linear_sum_assignment(cost)
+    scores[hands] = [palms[i][2] for i in matched]
+    return scores
+
+
 class MediaPipeHands:
     """MediaPipe Hands (palm detector + 21-landmark model shipped in the wheel).
 
-    Landmarks are in the 21-point order of the sample schema. MediaPipe gives no per-landmark
-    confidence, so every keypoint carries the hand's handedness score, which is also the
-    instance score. ``"handedness"`` lists MediaPipe's labels, which assume a mirrored
-    (selfie) image: for an ordinary photo its "Left" is the person's right hand.
+    Landmarks are in the 21-point order of the sample schema. The instance score is the palm
+    detector's score of the palm each hand was found from (:func:`palm_scores`): a detection
+    score to rank hands by for AP, which MediaPipe's handedness confidence is not. MediaPipe
+    gives no per-landmark confidence, so every keypoint carries that score. ``"handedness"``
+    lists MediaPipe's labels, which assume a mirrored (selfie) image: for an ordinary photo
+    its "Left" is the person's right hand.
     """
 
     num_keypoints = 21
@@ -82,39 +105,63 @@ class MediaPipeHands:
         self.min_detection_confidence = min_detection_confidence
         self._hands = None
 
-    def estimate(self, images: torch.Tensor) -> list[dict]:
-        import mediapipe as mp
+    def _solution(self):
+        # the Hands solution's graph, also asked for its palm detections (with their scores)
+        from mediapipe.python.solution_base import SolutionBase
+        from mediapipe.python.solutions import hands
 
+        return SolutionBase(
+            binary_graph_path=hands._BINARYPB_FILE_PATH,
+            side_inputs={
+                "model_complexity": 1,
+                "num_hands": self.max_num_hands,
+                "use_prev_landmarks": False,
+            },
+            calculator_params={
+                "palmdetectioncpu__TensorsToDetectionsCalculator.min_score_thresh": (
+                    self.min_detection_confidence
+                ),
+                "handlandmarkcpu__ThresholdingCalculator.threshold": 0.5,
+            },
+            outputs=["multi_hand_landmarks", "multi_handedness", "palm_detections"],
+        )
+
+    def estimate(self, images: torch.Tensor) -> list[dict]:
         if self._hands is None:
-            self._hands = mp.solutions.hands.Hands(
-                static_image_mode=True,
-                max_num_hands=self.max_num_hands,
-                min_detection_confidence=self.min_detection_confidence,
-            )
+            self._hands = self._solution()
         out = []
         for image in _to_uint8_hwc(images):
             h, w = image.shape[:2]
             result = self._hands.process(image)
-            hands, scores, labels = [], [], []
-            for landmarks, handedness in zip(
-                result.multi_hand_landmarks or [], result.multi_handedness or [], strict=True
-            ):
-                score = handedness.classification[0].score
-                hands.append([[p.x * w, p.y * h, score] for p in landmarks.landmark])
-                scores.append(score)
-                labels.append(handedness.classification[0].label)
+            landmarks = np.array(
+                [[[p.x * w, p.y * h] for p in hand.landmark]
+                 for hand in result.multi_hand_landmarks or []]
+            ).reshape(-1, 21, 2)  # fmt: skip
+            palms = []
+            for detection in result.palm_detections or []:
+                box = detection.location_data.relative_bounding_box
+                palms.append(
+                    ((box.xmin + box.width / 2) * w, (box.ymin + box.height / 2) * h,
+                     detection.score[0])
+                )  # fmt: skip
+            scores = palm_scores(landmarks, palms)
+            keypoints = np.concatenate(
+                [landmarks, np.repeat(scores[:, None, None], 21, 1)], -1
+            ).reshape(-1, 21, 3)
             out.append({
-                "keypoints": torch.tensor(hands).reshape(-1, 21, 3),
-                "scores": torch.tensor(scores).reshape(-1),
-                "handedness": labels,
+                "keypoints": torch.tensor(keypoints, dtype=torch.float32),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "handedness": [
+                    h.classification[0].label for h in result.multi_handedness or []
+                ],
             })  # fmt: skip
         return out
 
 
 class MMPoseBottomUp:
     """An mmpose 1.x bottom-up model (HumanSD used HigherHRNet-w48 trained on Human-Art),
-    from a model config and checkpoint. Needs mmcv built with its ops (DESIGN.md: a ~34 min
-    build with ``-std=c++20``); without it, construction fails with that explanation."""
+    from a model config and checkpoint. Needs mmcv built with its ops (``docs/mmpose.md``: a
+    ~34 min build with ``-std=c++20``); without it, construction fails with that explanation."""
 
     def __init__(self, config: str, checkpoint: str, device: str = "cpu"):
         try:
@@ -122,7 +169,7 @@ class MMPoseBottomUp:
         except (ImportError, ModuleNotFoundError) as exc:
             raise ImportError(
                 f"MMPoseBottomUp needs mmpose inference, which needs mmcv compiled with its "
-                f"ops ({exc}). Build mmcv 2.1.0 from source with -std=c++20 (see DESIGN.md), "
+                f"ops ({exc}). Build mmcv 2.1.0 from source with -std=c++20 (docs/mmpose.md), "
                 "or use the MediaPipe backend (metrics.pose_estimators.MediaPipeBody)."
             ) from exc
         self._inference = inference_bottomup

@@ -24,8 +24,8 @@ def test_alignment_recovers_a_similarity_transform():
     body = crop.copy()
     body[:, :2] = scale * crop[:, :2] @ rot.T + t
     alignment = align_hand(crop, body)
-    np.testing.assert_allclose(alignment.matrix[:2, :2], scale * rot, atol=1e-9)
-    np.testing.assert_allclose(alignment.matrix[:2, 2], t, atol=1e-9)
+    np.testing.assert_allclose(alignment[:2, :2], scale * rot, atol=1e-9)
+    np.testing.assert_allclose(alignment[:2, 2], t, atol=1e-9)
 
 
 def test_alignment_needs_two_shared_keypoints():
@@ -72,16 +72,12 @@ def test_a_shrunk_hand_is_area_averaged_not_aliased():
     bilinear warp alone samples a few source pixels and keeps the checkerboard's extremes."""
     image = np.repeat((np.indices((64, 64)).sum(0) % 2)[..., None], 3, -1).astype(float)
     mask = np.ones((64, 64))
-    alignment = _square_alignment(1 / 8, (20.0, 20.0))
+    # offset so that an unfiltered bilinear warp samples source pixel centres: it would read one
+    # parity of the checkerboard only (all 0) instead of the mean
+    alignment = _square_alignment(1 / 8, (20.0625, 20.0625))
     canvas, known = paste_hands((64, 64), [(image, mask, alignment)])
     assert known[20:28, 20:28].all() and known.sum() == 64
-    np.testing.assert_allclose(canvas[20:28, 20:28], 0.5, atol=0.02)
-    # the same transform warped without the area prefilter aliases
-    import cv2
-
-    matrix = alignment.matrix[:2]
-    direct = cv2.warpAffine(image.astype(np.float32), matrix.astype(np.float32), (64, 64))
-    assert np.abs(direct[21:27, 21:27] - 0.5).max() > 0.3
+    np.testing.assert_allclose(canvas[21:28, 21:28], 0.5, atol=1e-3)  # inside the border
 
 
 def test_an_enlarged_hand_is_warped_without_prefilter():

@@ -65,6 +65,7 @@ def test_every_metric_is_reported(single):
     ):
         assert key in results, key
     assert results["n_generated"] == 16 and results["n_real"] == 48
+    assert set(results["per_category"]["fid"]) == {"scene0", "scene1"}
     assert results["kid_subset_size"] == 16
     assert results["fid"] > 0 and 0 <= results["clipsim"] <= 100
     assert 0 <= results["detection_rate"] <= 1 and results["pce"] >= 0
@@ -88,11 +89,14 @@ def test_two_process_ddp_equals_one_process(single, synthetic_dir, tmp_path):
     assert ddp["settings"]["world_size"] == 2
     one, two = single["results"], ddp["results"]
     assert set(one) == set(two)
-    for key in one:
+    for name in ("fid", "kid"):  # per category: every rank's images of a scene gathered
+        by_scene = one["per_category"][name]
+        assert two["per_category"][name] == pytest.approx(by_scene, rel=1e-5, abs=1e-9)
+    for key in set(one) - {"per_category"}:
         if key.startswith(("ap", "cap", "hand_ap")) or key in ("pce", "n_real", "n_generated"):
             assert two[key] == one[key], key  # exactly
         else:
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9, nan_ok=True), key
 
 
 def test_folder_of_images_gives_the_same_results(single, synthetic_dir, tmp_path, monkeypatch):
@@ -117,8 +121,18 @@ def test_folder_of_images_gives_the_same_results(single, synthetic_dir, tmp_path
         ]
     )
     from_folder = json.loads((tmp_path / "results/eval/metrics_tiny/results.json").read_text())
-    for key in ("ap", "cap", "pce", "hand_ap", "pck@0.2", "detection_rate", "clipsim"):
-        assert from_folder["results"][key] == pytest.approx(single["results"][key], abs=1e-9)
+    for key in (
+        "ap",
+        "cap",
+        "pce",
+        "hand_ap",
+        "pck@0.2",
+        "detection_rate",
+        "clipsim",
+    ):
+        assert from_folder["results"][key] == pytest.approx(
+            single["results"][key], abs=1e-9, nan_ok=True
+        )
 
 
 def test_markdown_table_marks_directions_and_missing_values():

@@ -34,7 +34,36 @@ def test_pck_and_detection_rate_by_hand():
     assert out["pck@0.1"].item() == pytest.approx((21 - 10) / 42)
     assert out["pck@0.2"].item() == pytest.approx((21 - 3) / 42)
     assert out["detection_rate"].item() == pytest.approx(0.5)
-    assert 0 <= out["hand_ap"].item() < 1
+    # mean error over the matched hand's 21 keypoints: (7 x 15 + 3 x 25) / 21 px, size 100 px
+    assert out["hand_mke_px"].item() == pytest.approx(180 / 21)
+    assert out["hand_mke"].item() == pytest.approx(180 / 21 / 100)
+    # OKS with WholeBody hand sigmas and the hand's own 100 x 100 box is 0.551 (11 exact
+    # keypoints, 7 off by 15 px, 3 by 25): a match at thresholds 0.50 and 0.55 only, each with
+    # precision 1 up to recall 0.5, i.e. 51 of COCO's 101 recall points; AP = 2/10 of that
+    assert out["hand_ap"].item() == pytest.approx(2 / 10 * 51 / 101)
+    # with the person's 400 x 400 area the OKS is 0.858: thresholds 0.50 to 0.85 (8 of 10)
+    person = HandPoseAccuracy()
+    person.update(
+        [
+            {"keypoints": detected[None], "scores": torch.ones(1)},
+            {"keypoints": torch.zeros(0, 21, 3), "scores": torch.zeros(0)},
+        ],
+        [
+            {"keypoints": given[None], "areas": torch.tensor([400.0**2])},
+            {"keypoints": missed[None], "areas": torch.tensor([400.0**2])},
+        ],
+    )
+    assert person.compute()["hand_ap"].item() == pytest.approx(8 / 10 * 51 / 101)
+
+
+def test_no_matched_hand_has_no_error():
+    metric = HandPoseAccuracy()
+    metric.update(
+        [{"keypoints": torch.zeros(0, 21, 3), "scores": torch.zeros(0)}],
+        [{"keypoints": _hand()[None]}],
+    )
+    out = metric.compute()
+    assert torch.isnan(out["hand_mke"]) and out["detection_rate"] == 0
 
 
 def test_matching_is_one_to_one_and_nearest():

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from metrics.clip_sim import CLIPSim
-from metrics.fid_kid import FID, KID, InceptionFeatures, find_inception_weights
+from metrics.fid_kid import FID, KID, CategoryFIDKID, InceptionFeatures, find_inception_weights
 from metrics.random_nets import tiny_clip
 
 
@@ -131,3 +131,33 @@ def test_clipsim_matches_the_direct_formula():
     cos = (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)
     expected = (100 * cos.clamp(min=0)).mean()
     assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_category_fid_kid_is_the_per_category_score_and_its_mean():
+    """Two scenes with different generated shifts: each category's FID equals the scipy
+    reference on that category's features alone, its KID the KID metric on that category
+    alone, and the mean is over categories (not the pooled score)."""
+    features = PoolFeatures()
+    real = {"dance": _images(60, 0), "cartoon": _images(50, 1)}
+    fake = {"dance": _images(40, 2, shift=0.05), "cartoon": _images(45, 3, shift=0.3)}
+    metric = CategoryFIDKID(subsets=5, subset_size=1000, seed=0)
+    for name, images in real.items():
+        metric.update(features(images), True, [name] * len(images))
+    for name, images in fake.items():
+        metric.update(features(images), False, [name] * len(images))
+    metric.update(features(_images(5, 9)), False, [""] * 5)  # no category: left out
+    out = metric.compute()
+    assert set(out["fid"]) == {"dance", "cartoon"}
+    for name in real:
+        reference = _fid_reference(
+            features(real[name]).double().numpy(), features(fake[name]).double().numpy()
+        )
+        assert out["fid"][name] == pytest.approx(reference, rel=1e-9)
+        kid = KID(feature_extractor=PoolFeatures(), subsets=5, subset_size=40, seed=0)
+        kid.update(real[name], real=True)
+        kid.update(fake[name], real=False)
+        kid.subset_size = min(len(real[name]), len(fake[name]))
+        assert out["kid"][name] == pytest.approx(float(kid.compute()[0]), rel=1e-9)
+    assert out["fid"]["cartoon"] > 2 * out["fid"]["dance"]
+    assert out["fid_category_mean"] == pytest.approx(sum(out["fid"].values()) / 2)
+    assert out["kid_category_mean"] == pytest.approx(sum(out["kid"].values()) / 2)

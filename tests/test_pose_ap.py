@@ -55,17 +55,26 @@ def random_scene(rng: np.random.Generator, n_images: int, k: int):
     return preds, targets
 
 
-def xtcocotools_stats(preds, targets, sigmas) -> np.ndarray:
-    """The reference: xtcocotools COCOeval on the same data, HumanSD's protocol."""
+def xtcocotools_stats(preds, targets, sigmas, humansd_code: bool = False) -> np.ndarray:
+    """The reference: xtcocotools COCOeval on the same data, HumanSD's protocol; with
+    ``humansd_code`` the ground-truth box as HumanSD's pose_metrics.py builds it (unlabelled
+    rows stored as (-1, -1, 0), min/max over all rows); a target's "areas" override both."""
     images, anns, dets = [], [], []
     for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
         images.append({"id": i, "width": 500, "height": 500})
-        for kp in t["keypoints"].numpy():
+        areas = t.get("areas", torch.zeros(len(t["keypoints"]))).numpy()
+        for kp, given_area in zip(t["keypoints"].numpy(), areas, strict=True):
             vis = kp[:, 2] > 0
             if not vis.any():
                 continue
-            x0, y0 = kp[vis, :2].min(0)
-            x1, y1 = kp[vis, :2].max(0)
+            if humansd_code:
+                stored = kp.copy()
+                stored[~vis] = [-1, -1, 0]
+                x0, y0 = min(stored[:, 0]), min(stored[:, 1])
+                x1, y1 = max(stored[:, 0]), max(stored[:, 1])
+            else:
+                x0, y0 = kp[vis, :2].min(0)
+                x1, y1 = kp[vis, :2].max(0)
             anns.append(
                 {
                     "id": len(anns) + 1,
@@ -75,7 +84,7 @@ def xtcocotools_stats(preds, targets, sigmas) -> np.ndarray:
                     "keypoints": kp.reshape(-1).tolist(),
                     "num_keypoints": int(vis.sum()),
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
+                    "area": given_area if given_area > 0 else (x1 - x0) * (y1 - y0),
                 }
             )
         for kp, s in zip(p["keypoints"].numpy(), p["scores"].numpy(), strict=True):
@@ -118,6 +127,36 @@ def test_ap_equals_xtcocotools_cocoeval(kind, seed):
     ours = [result[n].item() for n in ("ap", "ap50", "ap75", "ap_m", "ap_l")]
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-9)
     assert 0 < ours[0] < 1  # a scene that exercises matching, not a trivial 0 or 1
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_humansd_code_area_equals_their_box_over_all_rows(seed):
+    preds, targets = random_scene(np.random.default_rng(seed), 30, 17)
+    metric = PoseAP(kind="body", gt_area="humansd_code")
+    metric.update(preds, targets)
+    ours = [metric.compute()[n].item() for n in ("ap", "ap50", "ap75", "ap_m", "ap_l")]
+    reference = xtcocotools_stats(preds, targets, SIGMAS["body"], humansd_code=True)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-9)
+    labelled = xtcocotools_stats(preds, targets, SIGMAS["body"])
+    assert ours[0] > labelled[0]  # larger boxes, larger OKS scales, higher AP
+
+
+def test_given_areas_set_the_oks_scale():
+    """Hands scored with their person's area (as COCO-WholeBody): the same detections score
+    higher than with the hand's own small box, and equal xtcocotools given those areas."""
+    preds, targets = random_scene(np.random.default_rng(5), 30, 21)
+    for t in targets:
+        t["areas"] = torch.full((len(t["keypoints"]),), 300.0**2)
+    metric = PoseAP(kind="hand")
+    metric.update(preds, targets)
+    ours = [metric.compute()[n].item() for n in ("ap", "ap50", "ap75", "ap_m", "ap_l")]
+    np.testing.assert_allclose(
+        ours, xtcocotools_stats(preds, targets, SIGMAS["hand"]), rtol=0, atol=1e-9
+    )
+    own_box = xtcocotools_stats(
+        preds, [{"keypoints": t["keypoints"]} for t in targets], SIGMAS["hand"]
+    )
+    assert ours[0] > own_box[0]
 
 
 def test_pce_counts_people_per_image():
@@ -193,16 +232,16 @@ def test_weighted_cosine_similarity_hand_checked_cases():
         assert weighted_cosine_similarity(d, g, s) == pytest.approx(_direct_cosine(d, g, s))
 
 
-def test_humansd_bug_would_give_a_different_value():
-    # their code compares the ground truth's y with the detection's x
-    gt = np.array([[0, 0, 2], [10, 2, 2], [5, 10, 2.0]])
-    det = gt.copy()
-    sigmas = np.ones(3)
-    assert weighted_cosine_similarity(det, gt, sigmas) == pytest.approx(1)
-    xg = np.array([0, 1, 0.5]) / np.linalg.norm([0, 1, 0.5])
-    yg = np.array([0, 0.2, 1]) / np.linalg.norm([0, 0.2, 1])
-    buggy = (xg @ xg + yg @ xg) / 2
-    assert buggy < 0.85
+def test_the_detections_y_axis_counts():
+    """HumanSD's released code replaces the detection's y by its x, so a detection with the
+    right x and any y scores the same. The intended formula must tell them apart."""
+    gt = np.array([[0, 0, 2], [10, 2, 2], [5, 10, 2.0], [8, 6, 2]])
+    sigmas = np.ones(4)
+    right = weighted_cosine_similarity(gt.copy(), gt, sigmas)
+    wrong_y = gt.copy()
+    wrong_y[:, 1] = [10, 0, 3, 1]
+    assert right == pytest.approx(1)
+    assert weighted_cosine_similarity(wrong_y, gt, sigmas) < right - 0.2
 
 
 def test_cap_rewards_shape_over_position():

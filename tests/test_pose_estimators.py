@@ -49,7 +49,7 @@ def test_no_person_gives_an_empty_result(body):
 
 
 def test_hands_backend_runs_and_returns_the_protocol():
-    # No photo with a bare, visible hand ships in the installed packages (DESIGN.md), so this
+    # No photo with a bare, visible hand ships in the installed packages, so this
     # checks the protocol, not hand localisation: the astronaut's hands are gloved/hidden.
     (result,) = MediaPipeHands().estimate(_tensor(skimage.data.astronaut()))
     assert result["keypoints"].shape[1:] == (21, 3)
@@ -68,3 +68,15 @@ def test_mmpose_without_compiled_mmcv_explains_itself():
             MMPoseBottomUp("config.py", "model.pth")
     else:
         pytest.skip("mmcv ops are compiled here")
+
+
+def test_each_hand_takes_the_score_of_its_nearest_palm():
+    from metrics.pose_estimators import PALM_LANDMARKS, palm_scores
+
+    hands = np.zeros((2, 21, 2))
+    hands[0, list(PALM_LANDMARKS)] = [100, 100]
+    hands[1, list(PALM_LANDMARKS)] = [300, 50]
+    # three palms, the middle one without landmarks (dropped by the landmark model)
+    palms = [(298.0, 55.0, 0.9), (200.0, 200.0, 0.4), (104.0, 97.0, 0.7)]
+    np.testing.assert_allclose(palm_scores(hands, palms), [0.7, 0.9])
+    np.testing.assert_allclose(palm_scores(hands, palms[:1]), [0.9, 0.0])

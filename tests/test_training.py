@@ -103,6 +103,19 @@ def test_ema_changes_and_survives_save_and_load(trained):
     assert all(torch.equal(p, r) for p, r in zip(fresh.trainable_parameters(), raw, strict=True))
 
 
+def test_a_model_loaded_for_sampling_has_its_ema_baked_in(trained, monkeypatch):
+    """load_module copies the EMA weights in once, so timed sampling calls do not swap the
+    weights three times per call."""
+    from experiments.run import load_module
+
+    monkeypatch.chdir(trained)
+    ckpt = torch.load(_run_dir(trained) / "checkpoints/last.ckpt", weights_only=False)
+    model, _ = load_module(str(ROOT / "experiments/hand/tiny.yaml"), "last")
+    assert model.ema is None
+    for p, s in zip(model.trainable_parameters(), ckpt["ema"]["shadow_params"], strict=True):
+        assert torch.equal(p, s)
+
+
 def test_frozen_parts_are_rebuilt_identically():
     a = HandGenerator(components={"tiny": True})
     b = HandGenerator(components={"tiny": True})
