@@ -79,4 +79,5 @@ def test_each_hand_takes_the_score_of_its_nearest_palm():
     # three palms, the middle one without landmarks (dropped by the landmark model)
     palms = [(298.0, 55.0, 0.9), (200.0, 200.0, 0.4), (104.0, 97.0, 0.7)]
     np.testing.assert_allclose(palm_scores(hands, palms), [0.7, 0.9])
-    np.testing.assert_allclose(palm_scores(hands, palms[:1]), [0.9, 0.0])
+    # one palm left: it goes to the hand on it, not to the first hand
+    np.testing.assert_allclose(palm_scores(hands, palms[:1]), [0.0, 0.9])
