@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from datamodules.schema import key_problem
+
 
 @dataclass
 class Drop:
@@ -149,6 +151,9 @@ def _convert_shard(job) -> dict:
     samples, drops = [], Counter()
     for item in items:
         result = convert(item)
+        if not isinstance(result, Drop) and key_problem(result["__key__"]) is not None:
+            # keys become file names downstream; a source's ids are not trusted as such
+            result = Drop("bad_key")
         if isinstance(result, Drop):
             drops[result.reason] += 1
         else:

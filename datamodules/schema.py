@@ -29,7 +29,9 @@ SKIP_REASONS = (
     "bad_keypoints",
     "keypoints_off_image",
     "bad_mask",
+    "bad_key",
 )
+MAX_KEY_LENGTH = 200  # leaves room for suffixes such as "_hand3_skeleton.png" in a file name
 
 
 class SampleError(ValueError):
@@ -139,10 +141,30 @@ def _decode_image(data: bytes, name: str) -> Image.Image:
     return image
 
 
+def key_problem(key: object) -> str | None:
+    """Why ``key`` cannot name output files (``None``: it can). Keys become file names
+    (``<out>/<key>.png``), so a key must be a plain relative name: not empty, no path
+    separators, no ``..``, no control characters, at most :data:`MAX_KEY_LENGTH` characters."""
+    if not isinstance(key, str) or not key:
+        return "empty or not a string"
+    if len(key) > MAX_KEY_LENGTH:
+        return f"longer than {MAX_KEY_LENGTH} characters"
+    if "/" in key or "\\" in key:
+        return "contains a path separator"
+    if ".." in key or key.startswith("."):
+        return "contains '..' or starts with '.'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "contains control characters"
+    return None
+
+
 def decode_sample(raw: dict) -> Sample:
     """Decode and validate one raw WebDataset sample (a dict of bytes keyed by extension)."""
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
+    problem = key_problem(key)
+    if problem is not None:
+        raise SampleError("bad_key", f"key {key!r} {problem}")
     image_key = next((k for k in ("jpg", "jpeg", "png") if k in raw), None)
     if image_key is None:
         raise SampleError("missing_key", "no 'jpg' or 'png' image")

@@ -17,6 +17,7 @@ import argparse
 import glob
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -90,9 +91,28 @@ def build(cfg, provenance: Provenance):
     return model, datamodule, trainer, ckpt_path
 
 
+def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
+    """A checkpoint's contents, unpickled with ``weights_only=True``: tensors, containers and
+    numbers, which is all a handdiff checkpoint holds; a file whose pickle asks for anything
+    else (which could run code) is refused, as is one that is not a checkpoint at all."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"checkpoint {str(ckpt_path)!r} holds more than weights and was not loaded "
+            f"(a pickle can run code): {reason}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ConfigError(f"checkpoint {str(ckpt_path)!r} cannot be read: {exc}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"checkpoint {str(ckpt_path)!r} is not a handdiff checkpoint")
+    return checkpoint
+
+
 def load_trained(model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
     """Load a handdiff checkpoint (trained weights + EMA) into a freshly built module."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt_path)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
     log.info("loaded %s (step %s)", ckpt_path, checkpoint.get("global_step"))

@@ -24,6 +24,15 @@ def seeds_for(keys: list[str], seed: int) -> list[int]:
     return [(seed + stable_id(k)) % 2**31 for k in keys]
 
 
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused (ValueError) when it resolves outside ``folder``: names come
+    from sample keys, which come from user files."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"output {name!r} would be written outside {folder}")
+    return path
+
+
 def save_png(image: torch.Tensor, path: Path) -> None:
     """``image`` ``[3, H, W]`` in [0, 1] to ``path``, written whole or not at all (a killed run
     leaves no truncated file for a resumed one to trust)."""
@@ -137,7 +146,7 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         return [torch.Generator().manual_seed(s) for s in seeds_for(keys, self.seed)]
 
     def write(self, key: str, image: torch.Tensor) -> None:
-        save_png(image, self.out_dir / f"{key}.png")
+        save_png(image, inside(self.out_dir, f"{key}.png"))
 
 
 def read_timings(folder: str | os.PathLike) -> dict[str, float]:

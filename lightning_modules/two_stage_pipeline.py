@@ -20,7 +20,7 @@ from datamodules.schema import Person
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
-from lightning_modules.predictor import GenerationPredictor, save_png, seeds_for
+from lightning_modules.predictor import GenerationPredictor, inside, save_png, seeds_for
 from metrics.hand_pose import match_hands
 from metrics.pose_estimators import MediaPipeHands, PoseEstimator
 
@@ -342,8 +342,8 @@ class TwoStagePredictor(GenerationPredictor):
         report_file = self.out_dir / f"report-rank{self.global_rank}.jsonl"
         with report_file.open("a") as reports:
             for i, key in enumerate(batch["key"]):
-                save_image(out["skeletons"][i], inter / f"{key}_skeleton.png")
-                save_image(out["canvases"][i], inter / f"{key}_canvas.png")
+                save_image(out["skeletons"][i], inside(inter, f"{key}_skeleton.png"))
+                save_image(out["canvases"][i], inside(inter, f"{key}_canvas.png"))
                 hands = [n for n, owner in enumerate(out["hand_owner"]) if owner == i]
                 if hands:
                     pairs = torch.cat(
@@ -355,7 +355,7 @@ class TwoStagePredictor(GenerationPredictor):
                         ],
                         -2,
                     )
-                    save_image(pairs, inter / f"{key}_hands.png")
+                    save_image(pairs, inside(inter, f"{key}_hands.png"))
                 record = {
                     "key": key,
                     "caption": batch["caption"][i],
@@ -365,4 +365,4 @@ class TwoStagePredictor(GenerationPredictor):
                 }
                 reports.write(json.dumps(record) + "\n")
                 # the image last: its presence marks the sample done for a resumed run
-                save_png(out["images"][i], self.out_dir / f"{key}.png")
+                save_png(out["images"][i], inside(self.out_dir, f"{key}.png"))
