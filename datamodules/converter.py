@@ -159,7 +159,10 @@ def _convert_shard(job) -> dict:
         else:
             samples.append(result)
     stats = {"written": len(samples), "dropped": dict(sorted(drops.items()))}
-    write_tar(path, samples)
+    if samples:
+        write_tar(path, samples)
+    else:  # no empty tar: a set of them looks like data and holds none
+        Path(path).unlink(missing_ok=True)
     Path(str(path) + ".json").write_text(json.dumps(stats))
     return stats
 
@@ -193,8 +196,9 @@ def convert_dataset(
         for k in range(0, len(split_items), samples_per_shard):
             path = out / f"{split}-{k // samples_per_shard:06d}.tar"
             stats_file = Path(str(path) + ".json")
-            if path.is_file() and stats_file.is_file():
-                done.append((split, json.loads(stats_file.read_text())))
+            stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+            if stats is not None and (path.is_file() or stats["written"] == 0):
+                done.append((split, stats))
             else:
                 jobs.append((split, (convert, split_items[k : k + samples_per_shard], path)))
     results = list(done)
@@ -220,7 +224,7 @@ def convert_dataset(
         for _, stats in (r for r in results if r[0] == split):
             dropped.update(stats["dropped"])
         summary[split] = {
-            "shards": sum(1 for r in results if r[0] == split),
+            "shards": sum(1 for s, stats in results if s == split and stats["written"]),
             "written": sum(stats["written"] for s, stats in results if s == split),
             "dropped": dict(sorted(dropped.items())),
         }
@@ -256,4 +260,12 @@ def convert_from_args(items, source_id, convert, args: argparse.Namespace, desc:
         shard_bytes=args.shard_size,
     )
     print(json.dumps(summary, indent=2))
+    if not any(summary[split]["written"] for split in ("train", "val")):
+        dropped = Counter()
+        for split in ("train", "val"):
+            dropped.update(summary[split]["dropped"])
+        raise SystemExit(
+            f"nothing written to {args.out}: all {summary['items']} items were dropped "
+            f"({dict(dropped)})"
+        )
     return summary

@@ -30,6 +30,7 @@ SKIP_REASONS = (
     "keypoints_off_image",
     "bad_mask",
     "bad_key",
+    "unreadable_shard",  # counted once per shard read that failed; the rest of it is skipped
 )
 MAX_KEY_LENGTH = 200  # leaves room for suffixes such as "_hand3_skeleton.png" in a file name
 
@@ -117,8 +118,11 @@ def parse_people(people: object, width: int, height: int) -> list[Person]:
             if key not in person:
                 raise SampleError("bad_schema", f"people[{i}] has no '{key}'")
         bbox = person["bbox"]
-        if not (isinstance(bbox, list | tuple) and len(bbox) == 4):
-            raise SampleError("bad_schema", f"people[{i}].bbox must be [x, y, w, h]")
+        numbers = isinstance(bbox, list | tuple) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in bbox
+        )
+        if not (numbers and len(bbox) == 4):
+            raise SampleError("bad_schema", f"people[{i}].bbox must be 4 numbers [x, y, w, h]")
         hands = {}
         for hand in HANDS:
             value = person.get(hand)

@@ -63,7 +63,9 @@ class ShardDataModule(L.LightningDataModule, ABC):
         super().__init__()
         self.train_urls = expand_shards(train_shards)
         self.val_urls = expand_shards(val_shards) if val_shards else None
-        check_shards(self.train_urls + (self.val_urls or []))
+        check_shards(self.train_urls)
+        if self.val_urls:
+            check_shards(self.val_urls)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.resampled = resampled

@@ -46,15 +46,23 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def check_shards(urls: Iterable[str]) -> None:
-    """Fail early, naming the shard, if a local shard is not a readable tar file."""
-    for url in urls:
-        if url.startswith(_REMOTE_PREFIXES):
-            continue
+def _has_members(url: str) -> bool:
+    with tarfile.open(url) as tar:
+        return tar.next() is not None
+
+
+def check_shards(urls: Sequence[str]) -> None:
+    """Fail early, naming the shard, if a local shard is not a readable tar file, and if no
+    local shard holds anything (a set of empty tars would make training wait forever). Only
+    each tar's first header is read: damage further in is met, and skipped, while reading."""
+    local = [u for u in urls if not u.startswith(_REMOTE_PREFIXES)]
+    for url in local:
         if not os.path.isfile(url):
             raise ShardError(f"shard {url!r} does not exist")
         if not tarfile.is_tarfile(url):
             raise ShardError(f"shard {url!r} is not a tar file")
+    if local and len(local) == len(urls) and not any(_has_members(u) for u in local):
+        raise ShardError(f"every shard is empty ({len(local)}: {local[0]!r}, ...): no sample")
 
 
 def check_split(urls: Sequence[str], world_size: int, num_workers: int, what: str) -> None:
@@ -66,11 +74,6 @@ def check_split(urls: Sequence[str], world_size: int, num_workers: int, what: st
             f"{max(num_workers, 1)} worker(s); write at least {needed} shards "
             f"(or, for training data, use resampled: true)"
         )
-
-
-def _raise_shard_error(exn: Exception) -> bool:
-    # webdataset appends the failing URL to the exception's args.
-    raise ShardError(f"cannot read shard: {exn}") from exn
 
 
 class SkipCounter:
@@ -94,6 +97,53 @@ class SkipCounter:
     def take(self) -> torch.Tensor:
         taken, self.pending = self.pending, torch.zeros_like(self.pending)
         return taken
+
+
+class ShardReader:
+    """Watches the shard stream of one loader worker.
+
+    :meth:`shards` passes shard URLs through, remembering the one being read, and stops the
+    stream with a :class:`ShardError` when ``stall_limit`` shards in a row gave no example
+    (a resampled stream over shards with nothing usable would otherwise loop forever);
+    :meth:`examples` resets that count for every example. :meth:`handler` is webdataset's
+    exception handler: a shard that cannot be read further (truncated, corrupt, a duplicate
+    member) is logged with its name, counted as ``unreadable_shard`` and reading goes on.
+    """
+
+    def __init__(self, counter: SkipCounter, stall_limit: int | None):
+        self.counter = counter
+        self.stall_limit = stall_limit
+        self.current: str | None = None
+        self.failed = False  # the current shard already failed (webdataset may report twice)
+        self.without_example = 0
+
+    def shards(self, src: Iterable[dict]) -> Iterator[dict]:
+        for shard in src:
+            self.current, self.failed = shard.get("url"), False
+            self.without_example += 1
+            if self.stall_limit is not None and self.without_example > self.stall_limit:
+                raise ShardError(
+                    f"no usable sample in {self.stall_limit} shard reads in a row (the last "
+                    f"{self.current!r}): the shards are empty, unreadable or every sample is "
+                    "skipped (see the warnings above)"
+                )
+            yield shard
+
+    def examples(self, src: Iterable[dict]) -> Iterator[dict]:
+        for example in src:
+            self.without_example = 0
+            yield example
+
+    def handler(self, exn: Exception) -> bool:
+        reason = str(exn.args[0]) if exn.args else type(exn).__name__
+        if "duplicate file name" in reason:  # one member dropped, the shard goes on
+            log.warning("shard %r: %s; kept the first", self.current, reason)
+            return True
+        if not self.failed:
+            self.failed = True
+            self.counter.pending[SKIP_REASONS.index("unreadable_shard")] += 1
+            log.warning("shard %r: %s; skipped what was left of it", self.current, reason)
+        return True
 
 
 def validated_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[Sample]:
@@ -123,6 +173,10 @@ def sample_pipeline(
     by worker, so every shard is read exactly once per epoch; this needs at least
     ``world_size * num_workers`` shards. Samples are shuffled in a buffer before decoding.
     """
+    counter = SkipCounter()
+    # A resampled stream is endless: 20 draws per shard in a row without an example leave a
+    # set with one good shard unnoticed with probability e^-20; a finite stream just ends.
+    reader = ShardReader(counter, 20 * len(urls) if resampled else None)
     if resampled:
         stages: list = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
     else:
@@ -131,11 +185,12 @@ def sample_pipeline(
             wds.split_by_node,
             wds.split_by_worker,
         ]
-    stages.append(wds.tarfile_to_samples(handler=_raise_shard_error))
+    stages += [reader.shards, wds.tarfile_to_samples(handler=reader.handler)]
     if shuffle:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(64, shuffle_buffer), seed=seed))
-    counter = SkipCounter()
-    stages.append(lambda src: to_examples(validated_samples(src, counter), counter))
+    stages.append(
+        lambda src: reader.examples(to_examples(validated_samples(src, counter), counter))
+    )
     pipeline = wds.DataPipeline(*stages)
     if epoch_size is not None:
         pipeline = pipeline.with_epoch(epoch_size)

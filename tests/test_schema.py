@@ -56,6 +56,7 @@ BAD = {
     "bad_keypoints": make_raw_sample(json=_record(body=[[1, 2, 2]] * 16)),
     "keypoints_off_image": make_raw_sample(json=_record(right_hand=[[70, 5, 2]] * 21)),
     "bad_mask": make_raw_sample(**{"mask.png": encode_image(np.zeros((32, 32), np.uint8))}),
+    "bad_key": make_raw_sample(key="../bad_bad_key"),
 }
 
 
@@ -82,7 +83,7 @@ def test_size_mismatch_between_json_and_image_is_rejected():
 
 def test_reader_skips_and_counts_bad_samples(tmp_path, caplog):
     good = [make_raw_sample(key=f"good{i}") for i in range(5)]
-    bad = [dict(BAD[r], __key__=f"bad_{r}") for r in sorted(BAD)]
+    bad = [BAD[r] if r == "bad_key" else dict(BAD[r], __key__=f"bad_{r}") for r in sorted(BAD)]
     # interleave so that skips are reported by the next good example
     samples = [s for pair in zip(good, bad, strict=False) for s in pair] + bad[len(good) :]
     samples.append(make_raw_sample(key="good_last"))
@@ -94,7 +95,7 @@ def test_reader_skips_and_counts_bad_samples(tmp_path, caplog):
         (batch,) = list(dm.train_dataloader())
     assert sorted(batch["key"]) == sorted([f"good{i}" for i in range(5)] + ["good_last"])
     counts = batch["skipped"].sum(0)
-    assert counts.tolist() == [1] * len(SKIP_REASONS)
+    assert counts.tolist() == [int(r in BAD) for r in SKIP_REASONS]
     assert int(counts.sum()) == len(BAD)
     # each skipped sample is named in the log with its shard
     for reason in BAD:

@@ -1,0 +1,121 @@
+"""Bad data never hangs or kills a run: empty shard sets are refused before training, a stream
+with nothing usable stops with a message, damaged shards and samples are skipped, named and
+counted, and converters write no empty shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+
+import pytest
+
+from datamodules.converter import add_engine_arguments, convert_from_args
+from datamodules.hand_datamodule import HandDataModule
+from datamodules.schema import SKIP_REASONS
+from datamodules.shards import ShardError
+from tests.conftest import make_raw_sample, write_tar
+
+
+def _empty_tar(path) -> str:
+    with tarfile.open(path, "w"):
+        pass
+    return str(path)
+
+
+def test_a_set_of_empty_shards_is_refused_before_training(tmp_path):
+    shards = [_empty_tar(tmp_path / f"e{i}.tar") for i in range(3)]
+    with pytest.raises(ShardError, match="every shard is empty"):
+        HandDataModule(shards)
+    # one non-empty shard among empty ones is fine
+    good = write_tar(tmp_path / "good.tar", [make_raw_sample("k0")])
+    HandDataModule([*shards, good])
+
+
+@pytest.mark.parametrize("bad", ["bad_json", "no_hands"])
+def test_an_endless_stream_with_nothing_usable_stops_with_a_message(tmp_path, bad):
+    """Every sample skipped (bad json) or yielding no hand crop: the resampled training stream
+    used to spin forever; it now stops after 20 shard draws per shard without an example."""
+    change = {"json": b"{not json"} if bad == "bad_json" else {}
+    samples = [make_raw_sample(f"k{i}", **change) for i in range(2)]
+    if bad == "no_hands":
+        for sample in samples:
+            record = json.loads(sample["json"])
+            record["people"][0]["right_hand"] = None
+            sample["json"] = json.dumps(record).encode()
+    shards = [write_tar(tmp_path / f"s{i}.tar", samples) for i in range(2)]
+    dm = HandDataModule(shards, batch_size=2, resampled=True, epoch_size=10)
+    with pytest.raises(ShardError, match="no usable sample in 40 shard reads"):
+        next(iter(dm.train_dataloader()))
+
+
+def _truncated(path, keys: list[str]) -> str:
+    write_tar(path, [make_raw_sample(k) for k in keys])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # cut inside the third sample
+    return str(path)
+
+
+def _read_all(dm: HandDataModule) -> tuple[list[str], list[int]]:
+    keys, skipped = [], [0] * len(SKIP_REASONS)
+    for batch in dm.train_dataloader():
+        keys += batch["key"]
+        skipped = [a + int(b) for a, b in zip(skipped, batch["skipped"].sum(0), strict=True)]
+    return keys, skipped
+
+
+def test_a_truncated_shard_is_read_up_to_the_damage_and_named(tmp_path, caplog):
+    bad = _truncated(tmp_path / "cut.tar", ["a0", "a1", "a2"])
+    good = write_tar(tmp_path / "good.tar", [make_raw_sample(f"b{i}") for i in range(3)])
+    dm = HandDataModule([bad, good], batch_size=1, resampled=False)
+    with caplog.at_level(logging.WARNING):
+        keys, _ = _read_all(dm)
+    assert {"b0", "b1", "b2"} <= set(keys) and "a0" in keys and "a2" not in keys
+    shard_warnings = [r.getMessage() for r in caplog.records if "skipped what was left" in
+                      r.getMessage()]  # fmt: skip
+    assert len(shard_warnings) == 1 and "cut.tar" in shard_warnings[0]
+
+
+def test_a_duplicate_member_is_named_and_skipped(tmp_path, caplog):
+    sample = make_raw_sample("k0")
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("k0.png", sample["png"]), ("k0.png", sample["png"]),
+                           ("k0.json", sample["json"])]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dm = HandDataModule(str(path), batch_size=1, resampled=False)
+    with caplog.at_level(logging.WARNING):
+        keys, _ = _read_all(dm)
+    assert keys == ["k0"]
+    assert any("dup.tar" in r.getMessage() and "duplicate" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+@pytest.mark.parametrize("bbox", [["a", "b", "c", "d"], [None, 0, 1, 1], [0, 0, 1], "box"])
+def test_a_bbox_that_is_not_four_numbers_is_skipped(tmp_path, bbox, caplog):
+    bad = make_raw_sample("bad")
+    record = json.loads(bad["json"])
+    record["people"][0]["bbox"] = bbox
+    bad["json"] = json.dumps(record).encode()
+    shard = write_tar(tmp_path / "s.tar", [bad, make_raw_sample("good")])
+    with caplog.at_level(logging.WARNING):
+        keys, _ = _read_all(HandDataModule(shard, batch_size=1, resampled=False))
+    assert keys == ["good"]
+    (warning,) = [r.getMessage() for r in caplog.records if "'bad'" in r.getMessage()]
+    assert "bad_schema" in warning and "bbox must be 4 numbers" in warning
+
+
+def test_a_converter_that_writes_nothing_fails_and_leaves_no_empty_shard(tmp_path):
+    import argparse
+
+    from datamodules.converter import Drop
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "out"), "--samples-per-shard", "2"])
+    with pytest.raises(SystemExit, match=r"nothing written.*'no_person': 3"):
+        convert_from_args([1, 2, 3], str, lambda item: Drop("no_person"), args, "test")
+    assert not list((tmp_path / "out").glob("*.tar"))
