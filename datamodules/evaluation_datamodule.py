@@ -124,7 +124,7 @@ def units(
     category = str(sample.source.get("category") or "")
     if hand_crops is not None:
         crops = hand_examples(sample, False, random.Random(0), replace(hand_crops, flip_prob=0.0))
-        for crop in crops:
+        for crop in (c for c in crops if isinstance(c, dict)):  # too small hands are left out
             pixels = ((crop["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
             hands = crop["keypoints"].double() * torch.tensor(
                 [resolution / pixels.shape[0]] * 2 + [1]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from datamodules.rendering import hull_mask, render_full_skeleton
-from datamodules.schema import Person, Sample
+from datamodules.schema import MIN_IMAGE_SIZE, Person, Sample
 from datamodules.shard_datamodule import ExampleFn, ShardDataModule
 
 # COCO-17 left/right pairs, swapped by a horizontal flip.
@@ -147,6 +147,7 @@ class FullBodyDataModule(ShardDataModule):
         epoch_size: int = 1000,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        min_image_size: int = MIN_IMAGE_SIZE,
     ):
         super().__init__(
             train_shards,
@@ -157,6 +158,7 @@ class FullBodyDataModule(ShardDataModule):
             epoch_size,
             shuffle_buffer,
             seed,
+            min_image_size,
         )
         self.save_hyperparameters(logger=False)
         self.body = body if isinstance(body, FullBodyConfig) else FullBodyConfig(**(body or {}))

@@ -20,7 +20,9 @@ class HandCropConfig:
     resolution: int = 64
     margin: float = 0.25  # context on each side, as a fraction of the keypoints' extent
     min_visible_keypoints: int = 10
-    min_crop_size: int = 16  # px of the source image; smaller hands are not worth training on
+    min_crop_size: int = 16  # px of the source image: the smallest crop side
+    # px of the source image: hands whose labelled keypoints span less are skipped (too_small)
+    min_hand_size: float = 8.0
     line_width: int = 2
     joint_radius: int = 1
     hull_dilation: int = 2  # px at training resolution, for masks rasterised from keypoints

@@ -8,17 +8,27 @@ from dataclasses import replace
 from functools import partial
 
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
-from datamodules.schema import Sample, person_area
+from datamodules.schema import MIN_IMAGE_SIZE, Sample, person_area
 from datamodules.shard_datamodule import ExampleFn, ShardDataModule
+from datamodules.shards import Skipped
 
 
 def hand_examples(
     sample: Sample, augment: bool, rng: random.Random, config: HandCropConfig
 ) -> Iterator[dict]:
     """One crop per visible hand (``hand_key`` = ``<key>_hand<n>``, ``person_area``: the area of
-    its person's keypoint box in crop pixels); no flips for validation data."""
+    its person's keypoint box in crop pixels), and a :class:`~datamodules.shards.Skipped` for
+    each hand smaller than ``config.min_hand_size``; no flips for validation data."""
     config = config if augment else replace(config, flip_prob=0.0)
     for n, (keypoints, is_right, person) in enumerate(visible_hands(sample, config)):
+        points = keypoints[keypoints[:, 2] > 0, :2]
+        extent = float((points.max(0) - points.min(0)).max())
+        if extent < config.min_hand_size:
+            side = "right" if is_right else "left"
+            yield Skipped(
+                "too_small", f"{side} hand spans {extent:.1f} px < {config.min_hand_size}"
+            )
+            continue
         example = hand_crop(sample, keypoints, is_right, config, rng)
         example["hand_key"] = f"{sample.key}_hand{n}"
         example["person_area"] = person_area(person) * example["crop_scale"] ** 2
@@ -45,6 +55,7 @@ class HandDataModule(ShardDataModule):
         epoch_size: int = 1000,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        min_image_size: int = MIN_IMAGE_SIZE,
     ):
         super().__init__(
             train_shards,
@@ -55,6 +66,7 @@ class HandDataModule(ShardDataModule):
             epoch_size,
             shuffle_buffer,
             seed,
+            min_image_size,
         )
         self.save_hyperparameters(logger=False)
         self.crop = crop if isinstance(crop, HandCropConfig) else HandCropConfig(**(crop or {}))

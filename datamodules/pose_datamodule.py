@@ -51,7 +51,7 @@ class _PoseRecords:
                     yield {"key": sample.key, "people": people, "caption": sample.caption}
                 continue
             for crop in hand_examples(sample, False, random.Random(0), self.hand_crops):
-                if not_done(crop["hand_key"], self.done_dir):
+                if isinstance(crop, dict) and not_done(crop["hand_key"], self.done_dir):
                     yield {"key": crop["hand_key"], "pose_image": crop["pose_image"],
                            "caption": crop["caption"]}  # fmt: skip
 

@@ -31,7 +31,9 @@ SKIP_REASONS = (
     "bad_mask",
     "bad_key",
     "unreadable_shard",  # counted once per shard read that failed; the rest of it is skipped
+    "too_small",  # an image, or a hand (one count per hand), below the configured minimum
 )
+MIN_IMAGE_SIZE = 32  # px, the shorter side; smaller images are not training material
 MAX_KEY_LENGTH = 200  # leaves room for suffixes such as "_hand3_skeleton.png" in a file name
 
 
@@ -162,8 +164,9 @@ def key_problem(key: object) -> str | None:
     return None
 
 
-def decode_sample(raw: dict) -> Sample:
-    """Decode and validate one raw WebDataset sample (a dict of bytes keyed by extension)."""
+def decode_sample(raw: dict, min_image_size: int = MIN_IMAGE_SIZE) -> Sample:
+    """Decode and validate one raw WebDataset sample (a dict of bytes keyed by extension);
+    an image whose shorter side is below ``min_image_size`` px is ``too_small``."""
     key = raw.get("__key__", "?")
     url = raw.get("__url__", "?")
     problem = key_problem(key)
@@ -175,6 +178,10 @@ def decode_sample(raw: dict) -> Sample:
     if "json" not in raw:
         raise SampleError("missing_key", "no 'json' record")
     image = _decode_image(raw[image_key], image_key).convert("RGB")
+    if min(image.size) < min_image_size:
+        raise SampleError(
+            "too_small", f"image is {image.size[0]}x{image.size[1]}, below {min_image_size} px"
+        )
     try:
         meta = json.loads(raw["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from datamodules.schema import Sample
+from datamodules.schema import MIN_IMAGE_SIZE, Sample
 from datamodules.shards import (
     SkipCounter,
+    Skipped,
     check_shards,
     check_split,
     expand_shards,
@@ -36,6 +37,9 @@ class _Examples:
         rng = random.Random(f"{self.seed}/{rank}/{info.id if info else 0}")
         for sample in samples:
             for example in self.make(sample, self.augment, rng):
+                if isinstance(example, Skipped):
+                    counter.skip_part(sample, example)
+                    continue
                 example["skipped"] = counter.take()
                 yield example
 
@@ -59,8 +63,10 @@ class ShardDataModule(L.LightningDataModule, ABC):
         epoch_size: int = 1000,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        min_image_size: int = MIN_IMAGE_SIZE,
     ):
         super().__init__()
+        self.min_image_size = min_image_size
         self.train_urls = expand_shards(train_shards)
         self.val_urls = expand_shards(val_shards) if val_shards else None
         check_shards(self.train_urls)
@@ -93,6 +99,7 @@ class ShardDataModule(L.LightningDataModule, ABC):
             resampled=resampled,
             shuffle_buffer=self.shuffle_buffer,
             epoch_size=per_worker,
+            min_image_size=self.min_image_size,
         )
         return DataLoader(
             pipeline,

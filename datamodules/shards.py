@@ -7,12 +7,13 @@ import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 
-from datamodules.schema import SKIP_REASONS, Sample, SampleError, decode_sample
+from datamodules.schema import MIN_IMAGE_SIZE, SKIP_REASONS, Sample, SampleError, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ class SkipCounter:
             "skipped sample %r of shard %r: %s", raw.get("__key__"), raw.get("__url__"), error
         )
 
+    def skip_part(self, sample: Sample, skipped: Skipped) -> None:
+        self.pending[SKIP_REASONS.index(skipped.reason)] += 1
+        log.warning("skipped part of sample %r of shard %r: %s", sample.key, sample.url,
+                    skipped.detail)  # fmt: skip
+
     def take(self) -> torch.Tensor:
         taken, self.pending = self.pending, torch.zeros_like(self.pending)
         return taken
@@ -146,11 +152,22 @@ class ShardReader:
         return True
 
 
-def validated_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[Sample]:
+@dataclass
+class Skipped:
+    """Yielded by an example function instead of an example: a part of a sample (e.g. one
+    hand) that does not become an example, and why (one of :data:`SKIP_REASONS`)."""
+
+    reason: str
+    detail: str
+
+
+def validated_samples(
+    src: Iterable[dict], counter: SkipCounter, min_image_size: int = MIN_IMAGE_SIZE
+) -> Iterator[Sample]:
     """Decode raw samples, skipping (and counting) those that break the schema."""
     for raw in src:
         try:
-            yield decode_sample(raw)
+            yield decode_sample(raw, min_image_size)
         except SampleError as error:
             counter.skip(raw, error)
 
@@ -164,6 +181,7 @@ def sample_pipeline(
     resampled: bool,
     shuffle_buffer: int = 256,
     epoch_size: int | None = None,
+    min_image_size: int = MIN_IMAGE_SIZE,
 ) -> wds.DataPipeline:
     """Shards -> raw samples -> validated :class:`Sample` -> examples built by ``to_examples``.
 
@@ -189,7 +207,9 @@ def sample_pipeline(
     if shuffle:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(64, shuffle_buffer), seed=seed))
     stages.append(
-        lambda src: reader.examples(to_examples(validated_samples(src, counter), counter))
+        lambda src: reader.examples(
+            to_examples(validated_samples(src, counter, min_image_size), counter)
+        )
     )
     pipeline = wds.DataPipeline(*stages)
     if epoch_size is not None:

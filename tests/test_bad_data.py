@@ -119,3 +119,23 @@ def test_a_converter_that_writes_nothing_fails_and_leaves_no_empty_shard(tmp_pat
     with pytest.raises(SystemExit, match=r"nothing written.*'no_person': 3"):
         convert_from_args([1, 2, 3], str, lambda item: Drop("no_person"), args, "test")
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_tiny_images_and_tiny_hands_are_skipped_with_a_reason(tmp_path, caplog):
+    tiny_image = make_raw_sample("tiny", size=16)  # below the 32 px default
+    record = json.loads(tiny_image["json"])
+    record["people"][0]["right_hand"] = None
+    record["people"][0]["body"] = [[1, 1, 2]] * 17
+    tiny_image["json"] = json.dumps(record).encode()
+    small_hand = make_raw_sample("small")
+    record = json.loads(small_hand["json"])
+    record["people"][0]["right_hand"] = [[20 + i % 3, 20 + i // 7, 2] for i in range(21)]
+    small_hand["json"] = json.dumps(record).encode()
+    shard = write_tar(tmp_path / "s.tar", [tiny_image, small_hand, make_raw_sample("good")])
+    dm = HandDataModule(shard, batch_size=8, resampled=False, shuffle_buffer=1)
+    with caplog.at_level(logging.WARNING):
+        (batch,) = list(dm.train_dataloader())
+    assert batch["key"] == ["good"]
+    assert int(batch["skipped"].sum(0)[SKIP_REASONS.index("too_small")]) == 2
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "16x16, below 32 px" in messages and "right hand spans 2.0 px < 8.0" in messages
