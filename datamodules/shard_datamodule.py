@@ -8,33 +8,39 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from datamodules.schema import MIN_IMAGE_SIZE, Sample
 from datamodules.shards import (
     SkipCounter,
     Skipped,
+    StreamPosition,
     check_shards,
     check_split,
     expand_shards,
     sample_pipeline,
+    stream_identity,
 )
 
 ExampleFn = Callable[[Sample, bool, random.Random], Iterator[dict]]
 
 
 class _Examples:
-    """Pipeline stage: validated samples -> examples, each carrying the skip counts."""
+    """Pipeline stage: validated samples -> examples, each carrying the skip counts. The
+    augmentation draws are seeded like the stream itself (:func:`stream_identity`)."""
 
-    def __init__(self, make: ExampleFn, seed: int, augment: bool):
+    def __init__(self, make: ExampleFn, seed: int, augment: bool, position: StreamPosition):
         self.make = make
         self.seed = seed
         self.augment = augment
+        self.position = position
+        self.iteration = -1
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
-        info = get_worker_info()
+        self.iteration += 1
+        epoch, worker, _ = stream_identity(self.position, self.iteration)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rng = random.Random(f"{self.seed}/{rank}/{info.id if info else 0}")
+        rng = random.Random(f"{self.seed}/{rank}/{worker}/{epoch}/augment")
         for sample in samples:
             for example in self.make(sample, self.augment, rng):
                 if isinstance(example, Skipped):
@@ -83,6 +89,19 @@ class ShardDataModule(L.LightningDataModule, ABC):
     def example_fn(self) -> ExampleFn:
         """The function that turns one sample into examples."""
 
+    def state_dict(self) -> dict:
+        """Where the training stream is (saved in checkpoints by Lightning): the epoch and the
+        batches of it this rank trained on, so that a resumed run continues the stream."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._resume = StreamPosition(state_dict["epoch"], state_dict["batches"])
+
     def _loader(self, urls: list[str], train: bool) -> DataLoader:
         resampled = self.resampled and train
         world = self.trainer.world_size if self.trainer else 1
@@ -91,15 +110,24 @@ class ShardDataModule(L.LightningDataModule, ABC):
             per_worker = max(1, self.epoch_size // (world * max(self.num_workers, 1)))
         else:
             check_split(urls, world, self.num_workers, "train_shards" if train else "val_shards")
+        # a resumed run continues the stream where its checkpoint left it (once)
+        resume = getattr(self, "_resume", None) if train else None
+        self._resume = None
+        position = (
+            StreamPosition(resume.epoch, resume.batches, self.batch_size)
+            if resume
+            else (StreamPosition(batch_size=self.batch_size))
+        )
         pipeline = sample_pipeline(
             urls,
-            _Examples(self.example_fn(), self.seed, augment=train),
+            _Examples(self.example_fn(), self.seed, augment=train, position=position),
             seed=self.seed,
             shuffle=train,
             resampled=resampled,
             shuffle_buffer=self.shuffle_buffer,
             epoch_size=per_worker,
             min_image_size=self.min_image_size,
+            position=position,
         )
         return DataLoader(
             pipeline,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
+import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from torch.utils.data import get_worker_info
 
 from datamodules.schema import MIN_IMAGE_SIZE, SKIP_REASONS, Sample, SampleError, decode_sample
 
@@ -172,6 +175,83 @@ def validated_samples(
             counter.skip(raw, error)
 
 
+@dataclass
+class StreamPosition:
+    """Where a resampled training stream starts: ``epoch`` and the ``batches`` of that epoch
+    one rank already trained on (batches of ``batch_size`` from ``num_workers`` loader workers,
+    handed out round robin, as torch's DataLoader does)."""
+
+    epoch: int = 0
+    batches: int = 0
+    batch_size: int = 1
+
+
+def stream_identity(position: StreamPosition, iteration: int) -> tuple[int, int, int]:
+    """``(epoch, virtual worker, examples to skip)`` of a loader worker's ``iteration``-th pass
+    (0 = the first since the loader was built).
+
+    Every random choice of a pass is seeded by (seed, rank, virtual worker, epoch), so the
+    stream is a function of those, not of how often the run was interrupted. On the first pass
+    after a resume, the workers take the identities that hand out the next batch first
+    (worker ``w`` plays ``(w + batches) % W``) and each skips what its identity already gave.
+    """
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    if iteration > 0:
+        return position.epoch + iteration, worker, 0
+    virtual = (worker + position.batches) % workers
+    given = max(0, (position.batches - virtual + workers - 1) // workers)
+    return position.epoch, virtual, given * position.batch_size
+
+
+class ResampledStream:
+    """The stages of an endless (resampled) training stream that make it resumable: shard
+    draws, the shuffle and the per-pass example window, all seeded by :func:`stream_identity`.
+    One instance lives in each loader worker (a copy of the loader's)."""
+
+    def __init__(self, urls: Sequence[str], seed: int, position: StreamPosition, per_worker: int):
+        self.urls = list(urls)
+        self.seed = seed
+        self.position = position
+        self.per_worker = per_worker
+        self.iteration = -1
+        self.identity = (0, 0, 0)
+
+    def _rng(self, purpose: str) -> random.Random:
+        epoch, virtual, _ = self.identity
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return random.Random(f"{self.seed}/{rank}/{virtual}/{epoch}/{purpose}")
+
+    def shards(self) -> Iterator[dict]:
+        """The first stage: called once per pass, draws shards with replacement."""
+        self.iteration += 1
+        self.identity = stream_identity(self.position, self.iteration)
+        rng = self._rng("shards")
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+    def shuffle(self, src: Iterable[dict], bufsize: int) -> Iterator[dict]:
+        iterator = iter(src)
+        first = next(iterator, None)
+        if first is None:
+            return
+        # seeded only now: the pass's identity is set once its first shard has been drawn
+        rng = self._rng("shuffle")
+        samples = itertools.chain([first], iterator)
+        yield from wds.filters._shuffle(samples, bufsize, min(64, bufsize), rng=rng)
+
+    def window(self, src: Iterable[dict]) -> Iterator[dict]:
+        """The pass's ``per_worker`` examples, less those its identity gave before a resume."""
+        skip = 0
+        for n, example in enumerate(src):
+            if n == 0:  # the pass's identity is set once its first shard has been drawn
+                skip = min(self.identity[2], self.per_worker)
+            if n >= self.per_worker:
+                return
+            if n >= skip:
+                yield example
+
+
 def sample_pipeline(
     urls: Sequence[str],
     to_examples: Callable[[Iterable[Sample], SkipCounter], Iterator[dict]],
@@ -182,21 +262,27 @@ def sample_pipeline(
     shuffle_buffer: int = 256,
     epoch_size: int | None = None,
     min_image_size: int = MIN_IMAGE_SIZE,
+    position: StreamPosition | None = None,
 ) -> wds.DataPipeline:
     """Shards -> raw samples -> validated :class:`Sample` -> examples built by ``to_examples``.
 
-    ``resampled=True`` (training): every rank and worker draws shards with replacement from its
-    own deterministic seed (``seed``, rank, worker, epoch) and ``epoch_size`` examples make an
-    epoch. ``resampled=False``: the (optionally seed-shuffled) shard list is split by rank, then
-    by worker, so every shard is read exactly once per epoch; this needs at least
+    ``resampled=True`` (training): every rank and worker draws shards with replacement, seeded
+    by (``seed``, rank, worker, epoch), and ``epoch_size`` examples per worker make an epoch;
+    ``position`` resumes such a stream where a run left it (:class:`ResampledStream`).
+    ``resampled=False``: the (optionally seed-shuffled) shard list is split by rank, then by
+    worker, so every shard is read exactly once per epoch; this needs at least
     ``world_size * num_workers`` shards. Samples are shuffled in a buffer before decoding.
     """
     counter = SkipCounter()
     # A resampled stream is endless: 20 draws per shard in a row without an example leave a
     # set with one good shard unnoticed with probability e^-20; a finite stream just ends.
     reader = ShardReader(counter, 20 * len(urls) if resampled else None)
+    stream = None
     if resampled:
-        stages: list = [wds.ResampledShards(list(urls), seed=seed, deterministic=True)]
+        if epoch_size is None:
+            raise ValueError("a resampled stream is endless: give epoch_size")
+        stream = ResampledStream(urls, seed, position or StreamPosition(), epoch_size)
+        stages: list = [stream.shards]
     else:
         stages = [
             wds.SimpleShardList(list(urls), seed=seed if shuffle else None),
@@ -204,14 +290,18 @@ def sample_pipeline(
             wds.split_by_worker,
         ]
     stages += [reader.shards, wds.tarfile_to_samples(handler=reader.handler)]
-    if shuffle:
+    if shuffle and stream is not None:
+        stages.append(lambda src: stream.shuffle(src, shuffle_buffer))
+    elif shuffle:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(64, shuffle_buffer), seed=seed))
     stages.append(
         lambda src: reader.examples(
             to_examples(validated_samples(src, counter, min_image_size), counter)
         )
     )
+    if stream is not None:
+        stages.append(stream.window)
     pipeline = wds.DataPipeline(*stages)
-    if epoch_size is not None:
+    if stream is None and epoch_size is not None:
         pipeline = pipeline.with_epoch(epoch_size)
     return pipeline

@@ -45,9 +45,9 @@ from datamodules.evaluation_datamodule import EvaluationDataModule, read_resized
 from datamodules.full_body_datamodule import FullBodyConfig, letterbox
 from datamodules.rendering import render_full_skeleton
 from datamodules.shards import SkipCounter, expand_shards, validated_samples
+from experiments.checkpoints import find_last_checkpoint
 from experiments.config import EVALUATION, ConfigError, flatten, import_target, instantiate
 from experiments.config import load_config as _load_config
-from experiments.run import find_last_checkpoint
 from experiments.run import main as run_main
 from metrics.evaluation import COLUMNS, markdown_table
 

@@ -14,17 +14,14 @@ order (e.g. an ``experiments/debug/`` overlay after the experiment).
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
-import os
-import pickle
 import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import OmegaConf
 
+from experiments.checkpoints import AtomicCheckpointIO, find_last_checkpoint, read_checkpoint
 from experiments.config import ConfigError, Provenance, flatten, instantiate, load_config
 
 log = logging.getLogger("handdiff")
@@ -37,15 +34,6 @@ def _build(section: str, node: dict, provenance: Provenance):
         raise ConfigError(
             f"building '{section}' ({node['target']}, in {provenance.where(section)}) failed: {exc}"
         ) from exc
-
-
-def find_last_checkpoint(container: dict) -> Path | None:
-    """The newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of this run name."""
-    save_dir = ((container.get("logger") or {}).get("params") or {}).get("save_dir", "logs")
-    candidates = glob.glob(
-        os.path.join(save_dir, container["name"], "version_*", "checkpoints", "last.ckpt")
-    )
-    return Path(max(candidates, key=os.path.getmtime)) if candidates else None
 
 
 def resolve_checkpoint(container: dict) -> str | None:
@@ -77,37 +65,23 @@ def build(cfg, provenance: Provenance):
     if container.get("logger"):
         node = container["logger"]
         if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-            version = Path(ckpt_path).parent.parent.name
-            node = {**node, "params": {**(node.get("params") or {}), "version": version}}
+            params = {**(node.get("params") or {}), "version": Path(ckpt_path).parent.parent.name}
+            if node["target"].endswith("TensorBoardLogger"):
+                # events of steps replayed after the checkpoint are dropped, not duplicated
+                params["purge_step"] = read_checkpoint(ckpt_path, mmap=True)["global_step"]
+            node = {**node, "params": params}
         logger = _build("logger", node, provenance)
     callbacks = [
         _build(f"callbacks.{name}", node, provenance)
         for name, node in (container.get("callbacks") or {}).items()
         if node is not None
     ]
-    trainer = L.Trainer(**container["trainer"], logger=logger, callbacks=callbacks)
+    trainer = L.Trainer(
+        **container["trainer"], logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(flatten(container))
     return model, datamodule, trainer, ckpt_path
-
-
-def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
-    """A checkpoint's contents, unpickled with ``weights_only=True``: tensors, containers and
-    numbers, which is all a handdiff checkpoint holds; a file whose pickle asks for anything
-    else (which could run code) is refused, as is one that is not a checkpoint at all."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"checkpoint {str(ckpt_path)!r} holds more than weights and was not loaded "
-            f"(a pickle can run code): {reason}"
-        ) from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ConfigError(f"checkpoint {str(ckpt_path)!r} cannot be read: {exc}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"checkpoint {str(ckpt_path)!r} is not a handdiff checkpoint")
-    return checkpoint
 
 
 def load_trained(model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
@@ -172,6 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
         if ns.command == "print":
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return {}
+        if ns.command in ("predict", "eval") and cfg.get("ckpt_path"):
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path!r} (in {provenance.where('ckpt_path')}) is not used by "
+                f"{ns.command}: name the checkpoints in the predictor's own parameters "
+                "(model.params.ckpt, hand_ckpt, outpaint_ckpt)"
+            )
         model, datamodule, trainer, ckpt_path = build(cfg, provenance)
         if ns.command == "export":
             export(cfg, model, ckpt_path)

@@ -5,6 +5,7 @@ and adds only its conditioning, loss terms and sampler wiring."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import warnings
@@ -100,7 +101,6 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema: EMAModel | None = None
-        self._ema_step = -1
 
     # ----------------------------------------------------------------- frozen parts
     def freeze(self, name: str) -> None:
@@ -173,9 +173,11 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].float()
 
-    def drop_captions(self, captions: list[str]) -> list[str]:
+    def drop_captions(
+        self, captions: list[str], generator: torch.Generator | None = None
+    ) -> list[str]:
         """Replace each caption by "" with probability ``caption_dropout`` (CFG training)."""
-        keep = torch.rand(len(captions)) >= self.caption_dropout
+        keep = torch.rand(len(captions), generator=generator) >= self.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
     # ----------------------------------------------------------------- diffusion loss
@@ -229,8 +231,16 @@ class LatentDiffusionModule(L.LightningModule, ABC):
     ) -> dict[str, torch.Tensor]:
         """Loss terms of a batch; ``loss`` is the one optimised."""
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The random draws of one training batch (noise, timesteps, posterior samples, caption
+        and pose dropout), seeded by (run seed, step, batch, rank): a resumed run draws what
+        the uninterrupted run drew, which the global RNG, not saved in checkpoints, cannot."""
+        key = f"{torch.initial_seed()}/{self.global_step}/{batch_idx}/{self.global_rank}"
+        seed = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+        return torch.Generator().manual_seed(seed)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch, train=True)
+        losses = self.losses(batch, train=True, generator=self.step_generator(batch_idx))
         self.log_dict(
             {f"train/{k}": v for k, v in losses.items()},
             prog_bar=True,
@@ -271,10 +281,12 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # Once per optimiser step, not per micro-batch under gradient accumulation.
-        if self.ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA follows each optimiser step at once (not per micro-batch under gradient
+        # accumulation), before any callback of that step, so the checkpoint a step writes
+        # holds that step's EMA.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.step(self.trainable_parameters())
 
     @contextlib.contextmanager

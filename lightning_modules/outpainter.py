@@ -87,7 +87,7 @@ class Outpainter(LatentDiffusionModule):
         paint, canvas_latents = self.inpaint_inputs(
             batch["canvas"], batch["hand_mask"], latents.shape[-2:]
         )
-        captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
+        captions = self.drop_captions(batch["caption"], generator) if train else batch["caption"]
         text = self.encode_prompts(captions)
         noise, timesteps, noisy = self.add_noise(latents, generator)
         prediction = self(noisy, timesteps, text, batch["pose_image"], paint, canvas_latents)

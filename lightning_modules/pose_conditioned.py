@@ -110,9 +110,11 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     ) -> dict[str, torch.Tensor]:
         latents = self.encode_images(batch["image"], generator=generator)
         pose = self.encode_pose(batch["pose_image"])
-        captions = self.drop_captions(batch["caption"]) if train else batch["caption"]
+        captions = self.drop_captions(batch["caption"], generator) if train else batch["caption"]
         if train and self.pose_dropout > 0:
-            drop = torch.rand(pose.shape[0], device=pose.device) < self.pose_dropout
+            drop = (torch.rand(pose.shape[0], generator=generator) < self.pose_dropout).to(
+                pose.device
+            )
             drop = drop.view(-1, *[1] * (pose.ndim - 1))
             pose = torch.where(drop, self.conditioning.null(pose), pose)
         text = self.encode_prompts(captions)

@@ -1,0 +1,141 @@
+"""A resumed run is a true continuation: the same batches as an uninterrupted run, the EMA of
+every saved step, skipped-sample counts carried over, no duplicate TensorBoard steps, and no
+checkpoint lost to a kill while saving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments.checkpoints import AtomicCheckpointIO, find_last_checkpoint
+from experiments.run import main
+from tests.conftest import make_raw_sample, write_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class KeyRecorder(L.Callback):
+    """Appends ``{"step", "keys"}`` of every training batch to a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps({"step": trainer.global_step, "keys": batch["key"]}) + "\n")
+
+
+def _fit(synthetic_dir, bad_shard, record: Path, *extra: str) -> None:
+    main(
+        [
+            "fit",
+            str(ROOT / "experiments/hand/tiny.yaml"),
+            f"data.params.train_shards=[{synthetic_dir}/train-*.tar,{bad_shard}]",
+            "data.params.val_shards=null",
+            "data.params.batch_size=4",
+            "data.params.epoch_size=48",  # 12 batches per epoch: resumes land mid-epoch
+            "callbacks.images=null",
+            "callbacks.checkpoint.params.every_n_train_steps=10",
+            "callbacks.recorder.target=tests.test_resume.KeyRecorder",
+            f"callbacks.recorder.params.path={record}",
+            *extra,
+        ]
+    )
+
+
+def _steps(record: Path) -> dict[int, list[str]]:
+    return {r["step"]: r["keys"] for r in map(json.loads, record.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_sees_what_an_uninterrupted_run_saw(
+    synthetic_dir, tmp_path, monkeypatch, workers
+):
+    bad = make_raw_sample("bad", png=b"not an image")
+    bad_shard = write_tar(tmp_path / "bad.tar", [bad, make_raw_sample("extra")])
+    loader = f"data.params.num_workers={workers}"
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    _fit(synthetic_dir, bad_shard, tmp_path / "whole.jsonl", loader, "trainer.max_steps=30")
+    monkeypatch.chdir(tmp_path / "parts")
+    _fit(synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=20")
+    _fit(
+        synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=30",
+        "ckpt_path=last",
+    )  # fmt: skip
+    whole, parts = _steps(tmp_path / "whole.jsonl"), _steps(tmp_path / "parts.jsonl")
+    assert sorted(whole) == sorted(parts) == list(range(30))
+    assert all(parts[s] == whole[s] for s in range(30)), [
+        s for s in range(30) if parts[s] != whole[s]
+    ]
+    run = "logs/hand/tiny/version_0/checkpoints/last.ckpt"
+    a = torch.load(tmp_path / "whole" / run, weights_only=True)
+    b = torch.load(tmp_path / "parts" / run, weights_only=True)
+    # the checkpoint holds the EMA of its own step; the resumed EMA equals the uninterrupted
+    assert a["ema"]["optimization_step"] == a["global_step"] == 30
+    assert b["ema"]["optimization_step"] == 30
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
+        torch.testing.assert_close(x, y)
+    # skipped-sample counts continue over the resume
+    (monitor_a,) = [v for k, v in a["callbacks"].items() if "SkippedSampleMonitor" in k]
+    (monitor_b,) = [v for k, v in b["callbacks"].items() if "SkippedSampleMonitor" in k]
+    assert monitor_a["totals"].sum() > 0
+    assert torch.equal(monitor_a["totals"], monitor_b["totals"])
+
+
+def test_a_kill_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def killed(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # what a SIGTERM handler or Ctrl-C raises mid-save
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_resume_passes_over_a_damaged_checkpoint_without_duplicate_tensorboard_steps(
+    synthetic_dir, tmp_path, monkeypatch, caplog
+):
+    """Killed while writing last.ckpt at step 20 (here: truncated to 0 bytes, step 20's own
+    checkpoint gone): the resume starts from step 10, says so, and TensorBoard keeps one
+    value per step, not the replayed steps 10-19 twice."""
+    bad_shard = write_tar(tmp_path / "extra.tar", [make_raw_sample("extra")])
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "keys.jsonl"
+    _fit(synthetic_dir, bad_shard, record, "trainer.max_steps=20", "trainer.log_every_n_steps=1")
+    run = tmp_path / "logs/hand/tiny/version_0"
+    (run / "checkpoints/last.ckpt").write_bytes(b"")
+    (run / "checkpoints/step0000020.ckpt").unlink()
+    found = find_last_checkpoint({"name": "hand/tiny"})
+    assert found is not None and found.name == "step0000010.ckpt"
+    assert "last.ckpt is damaged" in caplog.text
+    _fit(
+        synthetic_dir, bad_shard, record, "trainer.max_steps=20", "trainer.log_every_n_steps=1",
+        "ckpt_path=last",
+    )  # fmt: skip
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 19
+
+
+@pytest.mark.parametrize(
+    "command, config", [("predict", "two_stage/tiny.yaml"), ("eval", "eval/metrics_tiny.yaml")]
+)
+def test_predict_and_eval_refuse_a_top_level_ckpt_path(command, config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(ROOT / "experiments" / config), "ckpt_path=some.ckpt"])
+    assert exit_info.value.code == 2
+    assert "is not used by" in capsys.readouterr().err
