@@ -110,9 +110,13 @@ def to_record(
 
 
 def read_resized(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """An image file as RGB ``[R, R, 3]`` uint8, resized (bicubic) to ``resolution``."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
+    """An image file as RGB ``[R, R, 3]`` uint8, resized (bicubic) to ``resolution``; a file
+    that cannot be read is named in the error."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB").resize((resolution,) * 2, Image.BICUBIC))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise OSError(f"cannot read image {str(path)!r}: {exc}") from None
 
 
 def units(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules.full_body_datamodule import letterbox
@@ -22,10 +24,26 @@ from datamodules.shards import (
     sample_pipeline,
 )
 
+log = logging.getLogger(__name__)
+
 
 def not_done(key: str, done_dir: Path | None) -> bool:
-    """Whether ``<done_dir>/<key>.png`` is still to be written (always, without a folder)."""
-    return done_dir is None or not (done_dir / f"{key}.png").is_file()
+    """Whether ``<done_dir>/<key>.png`` is still to be written (always, without a folder). A
+    file that is not a whole PNG (a run killed while writing it by other means than handdiff's
+    own atomic writes) is removed, named in the log, and made again."""
+    if done_dir is None:
+        return True
+    path = done_dir / f"{key}.png"
+    if not path.is_file():
+        return True
+    try:
+        with Image.open(path) as image:
+            image.verify()  # reads every chunk and checks its CRC, without decoding pixels
+        return False
+    except Exception as exc:  # PIL raises many types for damaged files
+        log.warning("%s is not a complete image (%s): removed, it will be made again", path, exc)
+        path.unlink(missing_ok=True)
+        return True
 
 
 class _PoseRecords:

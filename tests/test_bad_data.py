@@ -139,3 +139,21 @@ def test_tiny_images_and_tiny_hands_are_skipped_with_a_reason(tmp_path, caplog):
     assert int(batch["skipped"].sum(0)[SKIP_REASONS.index("too_small")]) == 2
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "16x16, below 32 px" in messages and "right hand spans 2.0 px < 8.0" in messages
+
+
+def test_a_truncated_result_image_is_made_again_and_named(tmp_path, caplog):
+    from PIL import Image
+
+    from datamodules.evaluation_datamodule import read_resized
+    from datamodules.pose_datamodule import not_done
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "good.png")
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert not not_done("good", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert not_done("cut", tmp_path)
+    assert not (tmp_path / "cut.png").exists() and "cut.png" in caplog.text
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"cut\.png"):
+        read_resized(tmp_path / "cut.png", 16)
