@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +68,9 @@ class EvalSet:
     batch_size: int = 8
     num_workers: int = 0
     grid_size: int = 4  # poses in the side-by-side comparison grid
+    # a method whose settings or checkpoints changed since its images were made: False refuses
+    # to mix old and new images, True deletes the old ones and generates again
+    regenerate_changed: bool = False
     # HumanSD's inference-time protocol: the first pose alone (batch 1), mean of this many
     # runs after a warm-up (seconds_per_image_batch1); 0 = off
     timing_runs: int = 0
@@ -85,21 +90,25 @@ def load_config(files: list[str], overrides: list[str] = ()):
     return container
 
 
-def required_training(node: dict) -> list[str]:
-    """The experiment configs a method loads with ``ckpt: last`` (``config``/``ckpt``,
-    ``hand_config``/``hand_ckpt``, ...): those must have been trained."""
+def loaded_models(node: dict) -> list[tuple[str, str, str | None]]:
+    """``(config, ckpt parameter, ckpt)`` of each experiment a method's predictor loads:
+    ``config``/``ckpt``, ``hand_config``/``hand_ckpt``, ... (ckpt defaults from the target)."""
     params = node.get("params") or {}
     defaults = {
         name: p.default
         for name, p in inspect.signature(import_target(node["target"])).parameters.items()
     }
-    needed = []
-    for key, value in params.items():
-        if key.endswith("config") and isinstance(value, str):
-            ckpt_key = key[: -len("config")] + "ckpt"
-            if params.get(ckpt_key, defaults.get(ckpt_key)) == "last":
-                needed.append(value)
-    return needed
+    return [
+        (config, key[: -len("config")] + "ckpt",
+         params.get(key[: -len("config")] + "ckpt", defaults.get(key[: -len("config")] + "ckpt")))
+        for key, config in params.items()
+        if key.endswith("config") and isinstance(config, str)
+    ]  # fmt: skip
+
+
+def required_training(node: dict) -> list[str]:
+    """The experiment configs a method loads with ``ckpt: last``: those must be trained."""
+    return [config for config, _, ckpt in loaded_models(node) if ckpt == "last"]
 
 
 def ensure_trained(methods: dict[str, dict], train_overrides: Sequence[str]) -> None:
@@ -120,6 +129,65 @@ def ensure_trained(methods: dict[str, dict], train_overrides: Sequence[str]) -> 
     for config in pending:
         log.info("training %s (no checkpoint yet)", config)
         run_main(["fit", config, *train_overrides])
+
+
+def checkpoint_files(node: dict, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The checkpoint files a method's predictor loads (``*_ckpt`` beside each ``*_config``;
+    ``last`` resolved to the file it means now), by parameter name."""
+    files = {}
+    for config, ckpt_key, ckpt in loaded_models(node):
+        if ckpt == "last":
+            container = OmegaConf.to_container(_load_config([config], overrides)[0])
+            ckpt = find_last_checkpoint(container)
+        if ckpt:
+            files[ckpt_key] = str(ckpt)
+    return files
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+    """A quick content digest: size, first and last 4 MiB. A torch checkpoint is a zip whose
+    directory, at the end, holds a CRC of every member, so any change of weights changes it."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as file:
+        digest.update(file.read(chunk))
+        file.seek(max(0, size - chunk))
+        digest.update(file.read(chunk))
+    return digest.hexdigest()
+
+
+def check_generation(
+    method: str, node: dict, images: Path, overrides: Sequence[str], regenerate: bool
+) -> None:
+    """Keep ``images/generation.json``: the method's settings and the digests of its
+    checkpoints. Images made with other ones are refused (or, with ``regenerate``, deleted)
+    instead of being scored under the new settings."""
+    record = {
+        "method": node,
+        "checkpoints": {
+            key: {"path": path, "digest": file_digest(path)}
+            for key, path in checkpoint_files(node, overrides).items()
+        },
+    }
+    file = images / "generation.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        now = json.loads(json.dumps(record))
+        if saved != now:
+            before, after = flatten(saved), flatten(now)
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            if not regenerate or "WORLD_SIZE" in os.environ:
+                raise ConfigError(
+                    f"methods.{method}: its images in {images} were made with other settings or "
+                    f"checkpoints ({', '.join(changed)} changed); set "
+                    "eval_set.regenerate_changed=true (in a single-process run) to make them "
+                    "again, or use another evaluation name"
+                )
+            log.warning("%s: %s changed, generating its images again", method, changed)
+            shutil.rmtree(images)
+    if rank_zero_only.rank == 0:
+        images.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(record, indent=1))
 
 
 def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
@@ -152,6 +220,8 @@ def evaluate_method(
     whether it generates whole images (not hand crops) and the predictor's settings that the
     table must show (e.g. where the two-stage hand masks came from)."""
     images = out / method / "images"
+    overrides = container.get("train_overrides") or []
+    check_generation(method, node, images, overrides, eval_set.regenerate_changed)
     predictor = instantiate(node, out_dir=str(images), seed=container.get("seed", 0))
     predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)

@@ -251,3 +251,28 @@ def test_every_ablation_config_is_valid():
     for path in configs:
         cfg = load_config([str(path)])
         assert len(cfg["methods"]) >= 3 and cfg["name"] == f"ablations/{path.stem}"
+
+
+def test_images_made_with_other_settings_or_checkpoints_are_not_reused(tmp_path):
+    from experiments.evaluate import check_generation
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights v1")
+    node = {
+        "target": "lightning_modules.method_predictor.MethodPredictor",
+        "params": {"config": "experiments/plain_sd/tiny.yaml", "ckpt": str(ckpt),
+                   "num_inference_steps": 10},
+    }  # fmt: skip
+    images = tmp_path / "images"
+    check_generation("m", node, images, [], regenerate=False)
+    (images / "k.png").write_bytes(b"an image made with 10 steps")
+    check_generation("m", node, images, [], regenerate=False)  # unchanged: reused
+    fewer = {**node, "params": {**node["params"], "num_inference_steps": 1}}
+    with pytest.raises(ConfigError, match=r"method\.params\.num_inference_steps"):
+        check_generation("m", fewer, images, [], regenerate=False)
+    ckpt.write_bytes(b"weights v2")
+    with pytest.raises(ConfigError, match=r"checkpoints\.ckpt\.digest"):
+        check_generation("m", node, images, [], regenerate=False)
+    check_generation("m", node, images, [], regenerate=True)
+    assert not (images / "k.png").exists()  # made again with the new checkpoint
+    check_generation("m", node, images, [], regenerate=False)
