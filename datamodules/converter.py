@@ -20,11 +20,14 @@ a :class:`Drop` with a reason. The engine then
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
 import os
 import re
+import signal
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -167,6 +170,38 @@ def _convert_shard(job) -> dict:
     return stats
 
 
+def die_with_parent() -> None:
+    """Worker initializer: ask Linux to kill this process when its parent dies, so that a
+    converter killed with ``--processes N`` leaves no N orphans writing on (a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def check_source(out: Path, items: Sequence, source_id: Callable[[object], str]) -> None:
+    """Record in ``out/source.json`` what the shards are converted from (the number of items
+    and a digest of their source ids); refuse to resume into shards of another source, which
+    would keep stale shards and under-report the summary."""
+    digest = hashlib.sha256("\n".join(sorted(source_id(i) for i in items)).encode()).hexdigest()
+    record = {"items": len(items), "source_ids_sha256": digest}
+    file = out / "source.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if saved != record:
+            raise ValueError(
+                f"{out} holds shards converted from another source ({saved['items']} items, "
+                f"now {len(items)}; source ids differ): use an empty --out folder"
+            )
+    elif any(out.glob("*.tar")):
+        raise ValueError(f"{out} holds shards of an unknown source: use an empty --out folder")
+    file.write_text(json.dumps(record))
+
+
 def convert_dataset(
     items: Sequence,
     source_id: Callable[[object], str],
@@ -185,6 +220,7 @@ def convert_dataset(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_source(out, items, source_id)
     samples_per_shard = _layout(
         out, samples_per_shard, lambda: estimate_samples_per_shard(items, convert, shard_bytes)
     )
@@ -204,7 +240,7 @@ def convert_dataset(
     results = list(done)
     with tqdm(total=len(jobs) + len(done), initial=len(done), desc=desc, unit="shard") as bar:
         if processes > 1:
-            with ProcessPoolExecutor(processes) as pool:
+            with ProcessPoolExecutor(processes, initializer=die_with_parent) as pool:
                 for (split, _), stats in zip(
                     jobs, pool.map(_convert_shard, [j for _, j in jobs]), strict=True
                 ):
@@ -248,17 +284,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser, val_fraction: float = 
 
 def convert_from_args(items, source_id, convert, args: argparse.Namespace, desc: str) -> dict:
     """:func:`convert_dataset` with the shared options; prints and returns the summary."""
-    summary = convert_dataset(
-        items,
-        source_id,
-        convert,
-        args.out,
-        args.samples_per_shard,
-        args.val_fraction,
-        args.processes,
-        desc=desc,
-        shard_bytes=args.shard_size,
-    )
+    try:
+        summary = convert_dataset(
+            items,
+            source_id,
+            convert,
+            args.out,
+            args.samples_per_shard,
+            args.val_fraction,
+            args.processes,
+            desc=desc,
+            shard_bytes=args.shard_size,
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     print(json.dumps(summary, indent=2))
     if not any(summary[split]["written"] for split in ("train", "val")):
         dropped = Counter()

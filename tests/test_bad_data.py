@@ -157,3 +157,67 @@ def test_a_truncated_result_image_is_made_again_and_named(tmp_path, caplog):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"cut\.png"):
         read_resized(tmp_path / "cut.png", 16)
+
+
+def test_resuming_into_shards_of_another_source_is_refused(tmp_path):
+    from datamodules.converter import convert_dataset
+
+    def convert(item):
+        return {"__key__": item, "json": b"{}"}
+
+    out = tmp_path / "out"
+    convert_dataset([f"k{i}" for i in range(40)], str, convert, out, samples_per_shard=10)
+    with pytest.raises(ValueError, match=r"another source.*40 items, now 20"):
+        convert_dataset([f"n{i}" for i in range(20)], str, convert, out, samples_per_shard=10)
+    # the same source resumes
+    convert_dataset([f"k{i}" for i in range(40)], str, convert, out, samples_per_shard=10)
+
+
+_ORPHANS = """
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from datamodules.converter import die_with_parent
+
+def work(_):
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(2, initializer=die_with_parent)
+    futures = [pool.submit(work, i) for i in range(2)]
+    time.sleep(2)
+    print(" ".join(str(p) for p in pool._processes), flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(
+                line.split()[1:2] == ["Z"] for line in status if line.startswith("State")
+            )
+    except FileNotFoundError:
+        return False
+
+
+def test_converter_workers_die_with_their_parent(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "orphans.py"
+    script.write_text(_ORPHANS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env,
+                              text=True)  # fmt: skip
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
