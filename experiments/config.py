@@ -10,15 +10,18 @@ file (or "command line") that set it.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
 
 import lightning as L
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -99,11 +102,14 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
     if path in seen:
         raise ConfigError(f"{path}: 'defaults' include themselves")
     if not path.is_file():
+        if path.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"{path.name!r} is neither a config file nor a key=value override")
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         cfg = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: cannot parse: {reason}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping")
     sources = []
@@ -136,8 +142,18 @@ def load_config(
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"{COMMAND_LINE}: overrides must be key=value, got {bad}")
+    unset = [o for o in overrides if o.split("=", 1)[1].strip() == "???"]
+    if unset:
+        raise ConfigError(
+            f"{COMMAND_LINE}: {unset[0]!r}: '???' marks a required value in a config file; "
+            "give the value itself"
+        )
     if overrides:
-        sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+        try:
+            sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"{COMMAND_LINE}: cannot parse the overrides: {reason}") from None
     provenance = Provenance()
     for name, cfg in sources:
         for key in _leaves(OmegaConf.to_container(cfg, resolve=False)):
@@ -150,7 +166,12 @@ def load_config(
 
 
 def validate(cfg: DictConfig, provenance: Provenance, schema: Schema = EXPERIMENT) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "?")
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{key} (in {provenance.where(str(key))}): {reason}") from None
     if missing:
         raise ConfigError(
             "missing required value(s): "
@@ -241,6 +262,83 @@ def _literal_in(annotation):
     return None
 
 
+# Ranges of parameters whose name says what they are, wherever they appear (a datamodule's
+# batch_size, an optimizer's lr, ...): (lowest, highest, lowest allowed itself).
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "batch_size": (1, math.inf, True),
+    "num_workers": (0, math.inf, True),
+    "epoch_size": (1, math.inf, True),
+    "shuffle_buffer": (1, math.inf, True),
+    "resolution": (8, math.inf, True),
+    "lr": (0, math.inf, False),
+    "decay": (0, 1, True),
+    "caption_dropout": (0, 1, True),
+    "pose_dropout": (0, 1, True),
+    "flip_prob": (0, 1, True),
+    "num_inference_steps": (1, math.inf, True),
+    "max_steps": (-1, math.inf, True),
+    "accumulate_grad_batches": (1, math.inf, True),
+    "every_n_train_steps": (0, math.inf, True),
+    "every_n_steps": (1, math.inf, True),
+    "log_every_n_steps": (1, math.inf, True),
+    "subset": (1, math.inf, True),
+    "timing_runs": (0, math.inf, True),
+}
+
+
+def _type_ok(value, annotation) -> bool:
+    """Whether a YAML value can stand for ``annotation`` (types handdiff's parameters use;
+    anything else is accepted unchecked)."""
+    if annotation is None or annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict | annotation)
+    return True
+
+
+def _describe(annotation) -> str:
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "")
+
+
+def check_value(key_path: str, key: str, value, annotation, provenance: Provenance) -> None:
+    """The value's type against the parameter's annotation, and its range by name."""
+    where = provenance.where(key_path)
+    if annotation is not None and not _type_ok(value, annotation):
+        raise ConfigError(
+            f"{key_path}={value!r} (in {where}): expected {_describe(annotation)}, "
+            f"got {type(value).__name__}"
+        )
+    bounds = RANGES.get(key)
+    if bounds is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    low, high, closed = bounds
+    if value < low or value > high or (value == low and not closed):
+        limit = f">= {low}" if closed else f"> {low}"
+        if high != math.inf:
+            limit += f" and <= {high}"
+        raise ConfigError(f"{key_path}={value!r} (in {where}): must be {limit}")
+
+
 def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool = True) -> None:
     """Check ``params`` against ``obj``'s signature (a class, function or dataclass)."""
     if not isinstance(params, dict):
@@ -265,12 +363,16 @@ def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool 
                 continue
             _unknown(key_path, accepted, provenance, owner)
         annotation = hints.get(key)
+        if annotation is None and accepted[key].default not in (inspect.Parameter.empty, None):
+            # unannotated: the default's type (lightning.Trainer's are annotated)
+            annotation = type(accepted[key].default)
         choices = _literal_in(annotation)
         if choices is not None and value not in choices:
             raise ConfigError(
                 f"{key_path}={value!r} (in {provenance.where(key_path)}): choose one of "
                 f"{[c for c in choices if c is not None]}"
             )
+        check_value(key_path, key, value, annotation, provenance)
         nested = _dataclass_in(annotation)
         if nested is not None and isinstance(value, dict):
             check_kwargs(nested, value, key_path, provenance)

@@ -58,6 +58,37 @@ def test_bad_keys_are_named_with_their_source(override, expected):
         load_config([TINY], [override])
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.params.batch_size=abc", r"batch_size='abc' \(in command line\): expected int"),
+        ("data.params.batch_size=0", r"batch_size=0 \(in command line\): must be >= 1"),
+        ("data.params.batch_size=-1", r"batch_size=-1 .*must be >= 1"),
+        ("data.params.num_workers=-1", r"num_workers=-1 .*must be >= 0"),
+        ("trainer.max_steps=abc", r"trainer.max_steps='abc' .*expected int"),
+        ("model.params.optimizer.lr=fast", r"optimizer.lr='fast' .*expected float"),
+        ("model.params.optimizer.lr=0", r"optimizer.lr=0 .*must be > 0"),
+        ("model.params.ema.decay=high", r"ema.decay='high' .*expected float"),
+        ("model.params.ema.decay=1.5", r"ema.decay=1.5 .*<= 1"),
+        ("model.params.mask_loss_weight=[1]", r"mask_loss_weight=\[1\] .*expected float"),
+        ("name=${nothing}", r"Interpolation key 'nothing' not found"),
+        ("model.params.components.pretrained=???", r"'\?\?\?' marks a required value"),
+    ],
+)
+def test_bad_values_are_named_before_anything_is_built(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config([TINY], [override])
+
+
+def test_unparsable_files_and_overrides_without_equals_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\nname: x\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: cannot parse"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match=r"'trainer.max_steps' is neither a config file"):
+        load_config([TINY, "trainer.max_steps"])
+
+
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     bad = tmp_path / "mine.yaml"
     bad.write_text(f"defaults: [{TINY}]\nmodel:\n  params:\n    lamda: 2\n")
