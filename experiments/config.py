@@ -388,8 +388,13 @@ def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool 
 
 
 def instantiate(node: dict, **extra):
-    """Build ``target(**params, **extra)`` from a validated node."""
-    return import_target(node["target"])(**(node.get("params") or {}), **extra)
+    """Build ``target(**params, **extra)`` from a validated node. A target with a
+    ``build_node`` parameter is handed this function, to build the ``target``/``params`` nodes
+    nested in its own parameters: the layers below ``experiments/`` never import it."""
+    target = import_target(node["target"])
+    if "build_node" in inspect.signature(target).parameters:
+        extra.setdefault("build_node", instantiate)
+    return target(**(node.get("params") or {}), **extra)
 
 
 def flatten(node, prefix: str = "") -> dict[str, object]:

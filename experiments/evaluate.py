@@ -51,6 +51,7 @@ from experiments.checkpoints import find_last_checkpoint
 from experiments.config import EVALUATION, ConfigError, flatten, import_target, instantiate
 from experiments.config import load_config as _load_config
 from experiments.run import main as run_main
+from experiments.run import make
 from metrics.evaluation import COLUMNS, markdown_table
 
 log = logging.getLogger("handdiff")
@@ -222,7 +223,7 @@ def evaluate_method(
     images = out / method / "images"
     overrides = container.get("train_overrides") or []
     check_generation(method, node, images, overrides, eval_set.regenerate_changed)
-    predictor = instantiate(node, out_dir=str(images), seed=container.get("seed", 0))
+    predictor = make(node, out_dir=str(images), seed=container.get("seed", 0))
     predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
     data = predictor.prediction_datamodule(

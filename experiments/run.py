@@ -14,6 +14,7 @@ order (e.g. an ``experiments/debug/`` overlay after the experiment).
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -22,14 +23,29 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from experiments.checkpoints import AtomicCheckpointIO, find_last_checkpoint, read_checkpoint
-from experiments.config import ConfigError, Provenance, flatten, instantiate, load_config
+from experiments.config import (
+    ConfigError,
+    Provenance,
+    flatten,
+    import_target,
+    instantiate,
+    load_config,
+)
 
 log = logging.getLogger("handdiff")
 
 
+def make(node: dict, **extra):
+    """:func:`~experiments.config.instantiate`, handing a target that loads trained
+    experiments (the predictors: ``load_experiment``) :func:`load_module`."""
+    if "load_experiment" in inspect.signature(import_target(node["target"])).parameters:
+        extra.setdefault("load_experiment", load_module)
+    return instantiate(node, **extra)
+
+
 def _build(section: str, node: dict, provenance: Provenance):
     try:
-        return instantiate(node)
+        return make(node)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise ConfigError(
             f"building '{section}' ({node['target']}, in {provenance.where(section)}) failed: {exc}"

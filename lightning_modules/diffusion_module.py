@@ -82,7 +82,8 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         compile: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # build_node (a method's builder of nested config nodes) is a function, not a setting
+        self.save_hyperparameters(logger=False, ignore=["build_node"])
         self.components_config = as_config(ComponentsConfig, components)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.sampler_config = as_config(SamplerConfig, sampler)

@@ -25,6 +25,7 @@ at every resolution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +132,7 @@ class HumanSD(PoseConditionedDiffusion):
         ema: EMAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        build_node: Callable[[dict], torch.nn.Module] | None = None,
     ):
         super().__init__(
             components=components,
@@ -146,6 +148,12 @@ class HumanSD(PoseConditionedDiffusion):
         self.heatmap = as_config(HeatmapWeightConfig, heatmap)
         if self.heatmap.source == "network" and not self.heatmap.network:
             raise ValueError("heatmap.source='network' needs heatmap.network (target/params)")
+        if self.heatmap.source == "network" and build_node is None:
+            raise ValueError(
+                "heatmap.source='network' needs build_node to build heatmap.network (the "
+                "experiments layer passes it)"
+            )
+        self._build_node = build_node
         self.heatmap_network = None
 
     def setup(self, stage: str) -> None:
@@ -158,9 +166,7 @@ class HumanSD(PoseConditionedDiffusion):
     def build_heatmap_network(self) -> torch.nn.Module | None:
         """The frozen pose network of ``source="network"``, built on first use."""
         if self.heatmap.source == "network" and self.heatmap_network is None:
-            from experiments.config import instantiate
-
-            self.heatmap_network = instantiate(self.heatmap.network).to(self.device)
+            self.heatmap_network = self._build_node(self.heatmap.network).to(self.device)
             self.freeze("heatmap_network")
         return self.heatmap_network
 

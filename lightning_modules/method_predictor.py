@@ -13,13 +13,7 @@ from datamodules.full_body_datamodule import FullBodyConfig
 from datamodules.hand_crops import HandCropConfig
 from datamodules.pose_datamodule import PoseDataModule
 from datamodules.rendering import render_full_skeleton
-from lightning_modules.predictor import GenerationPredictor
-
-
-def _load(config: str, ckpt: str | None):
-    from experiments.run import load_module  # the CLI module imports the lightning modules
-
-    return load_module(config, ckpt)
+from lightning_modules.predictor import ExperimentLoader, GenerationPredictor
 
 
 class MethodPredictor(GenerationPredictor):
@@ -36,9 +30,10 @@ class MethodPredictor(GenerationPredictor):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
+        load_experiment: ExperimentLoader | None = None,
     ):
-        super().__init__(out_dir, seed)
-        self.method, method_cfg = _load(config, ckpt)
+        super().__init__(out_dir, seed, load_experiment)
+        self.method, method_cfg = self.load(config, ckpt)
         self.body = FullBodyConfig(**(method_cfg["data"]["params"].get("body") or {}))
         self.resolution = self.body.resolution
         self.num_inference_steps = num_inference_steps
@@ -82,9 +77,10 @@ class HandPredictor(GenerationPredictor):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         seed: int = 0,
+        load_experiment: ExperimentLoader | None = None,
     ):
-        super().__init__(out_dir, seed)
-        self.method, method_cfg = _load(config, ckpt)
+        super().__init__(out_dir, seed, load_experiment)
+        self.method, method_cfg = self.load(config, ckpt)
         self.crop = HandCropConfig(**(method_cfg["data"]["params"].get("crop") or {}))
         self.resolution = self.crop.resolution
         self.scoring_data = {"hand_crops": asdict(self.crop)}

@@ -7,7 +7,7 @@ import abc
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +17,9 @@ from torchvision.utils import save_image
 from datamodules.evaluation_datamodule import stable_id
 from datamodules.pose_datamodule import PoseDataModule
 from metrics.inference_timer import InferenceTimer, SynchronizedClock
+
+# (experiment config path, checkpoint or "last" or None) -> (module, merged config)
+ExperimentLoader = Callable[[str, str | None], tuple[L.LightningModule, dict]]
 
 
 def seeds_for(keys: list[str], seed: int) -> list[int]:
@@ -54,8 +57,9 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
     :meth:`sample_batch` (the timed sampling call) and :meth:`write_outputs`.
     """
 
-    def __init__(self, out_dir: str, seed: int):
+    def __init__(self, out_dir: str, seed: int, load_experiment: ExperimentLoader | None = None):
         super().__init__()
+        self._load_experiment = load_experiment
         self.out_dir = Path(out_dir)
         self.seed = seed
         self.resolution = 512
@@ -67,6 +71,16 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         self.timing_runs = 0
         self._timed_batches = 0
         self._first_pose: dict | None = None
+
+    def load(self, config: str, ckpt: str | None) -> tuple[L.LightningModule, dict]:
+        """A trained method and its experiment config, through the loader the experiments
+        layer hands in (``experiments.run.load_module``: configs, checkpoints, EMA)."""
+        if self._load_experiment is None:
+            raise ValueError(
+                f"{type(self).__name__} loads experiments through load_experiment, which the "
+                "experiments layer passes (build it with experiments.run.make)"
+            )
+        return self._load_experiment(config, ckpt)
 
     @abc.abstractmethod
     def sample_batch(self, batch: dict):

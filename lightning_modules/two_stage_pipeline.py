@@ -20,7 +20,13 @@ from datamodules.schema import Person
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
-from lightning_modules.predictor import GenerationPredictor, inside, save_png, seeds_for
+from lightning_modules.predictor import (
+    ExperimentLoader,
+    GenerationPredictor,
+    inside,
+    save_png,
+    seeds_for,
+)
 from metrics.hand_pose import match_hands
 from metrics.pose_estimators import MediaPipeHands, PoseEstimator
 
@@ -290,12 +296,11 @@ class TwoStagePredictor(GenerationPredictor):
         hand_mask: MaskSource = "auto",
         check_hands: bool = True,
         seed: int = 0,
+        load_experiment: ExperimentLoader | None = None,
     ):
-        super().__init__(out_dir, seed)
-        from experiments.run import load_module
-
-        self.hand_generator, hand_cfg = load_module(hand_config, hand_ckpt)
-        self.outpainter, outpaint_cfg = load_module(outpaint_config, outpaint_ckpt)
+        super().__init__(out_dir, seed, load_experiment)
+        self.hand_generator, hand_cfg = self.load(hand_config, hand_ckpt)
+        self.outpainter, outpaint_cfg = self.load(outpaint_config, outpaint_ckpt)
         crop = HandCropConfig(**(hand_cfg["data"]["params"].get("crop") or {}))
         body = FullBodyConfig(**(outpaint_cfg["data"]["params"].get("body") or {}))
         if blend is not None and not isinstance(blend, BlendConfig):

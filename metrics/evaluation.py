@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,6 @@ import open_clip
 import torch
 import torchmetrics
 
-from experiments.config import instantiate
 from metrics.clip_sim import CLIPSim
 from metrics.fid_kid import FID, KID, CategoryFIDKID
 from metrics.hand_pose import HandPoseAccuracy
@@ -73,7 +73,8 @@ class Evaluator(L.LightningModule):
 
     Test dataloader 0 yields generated images with their conditions, dataloader 1 real images
     (see ``datamodules.evaluation_datamodule``). Estimators and feature networks are
-    ``target``/``params`` configs; ``feature_extractor: null`` means the standard Inception
+    ``target``/``params`` configs, built by ``build_node`` (the experiments layer hands in
+    its builder); ``feature_extractor: null`` means the standard Inception
     (weights from ``inception_weights`` or torch's cache), ``clip_model: null`` OpenAI CLIP
     ``clip_model_name``/``clip_pretrained`` through open_clip. Set an estimator to null to skip
     its metrics.
@@ -103,10 +104,16 @@ class Evaluator(L.LightningModule):
         per_category: bool = False,
         gt_area: GtArea = "labelled",
         seed: int = 0,
+        build_node: Callable[[dict], object] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
-        extractor = instantiate(feature_extractor) if feature_extractor else None
+        self.save_hyperparameters(logger=False, ignore=["build_node"])
+        nodes = [feature_extractor, clip_model, body_estimator, hand_estimator]
+        if build_node is None and any(nodes):
+            raise ValueError(
+                "Evaluator builds its networks through build_node (experiments passes it)"
+            )
+        extractor = build_node(feature_extractor) if feature_extractor else None
         self.fid = FID(extractor, inception_weights, antialias)
         self.kid = KID(
             extractor, kid_subsets, kid_subset_size, inception_weights, antialias, seed=seed
@@ -115,11 +122,11 @@ class Evaluator(L.LightningModule):
             CategoryFIDKID(kid_subsets, kid_subset_size, seed=seed) if per_category else None
         )
         if clip_model:
-            self.clip = CLIPSim(instantiate(clip_model), open_clip.get_tokenizer(clip_model_name))
+            self.clip = CLIPSim(build_node(clip_model), open_clip.get_tokenizer(clip_model_name))
         else:
             self.clip = CLIPSim(model_name=clip_model_name, pretrained=clip_pretrained)
-        self.body_estimator = instantiate(body_estimator) if body_estimator else None
-        self.hand_estimator = instantiate(hand_estimator) if hand_estimator else None
+        self.body_estimator = build_node(body_estimator) if body_estimator else None
+        self.hand_estimator = build_node(hand_estimator) if hand_estimator else None
         self.pose = PoseAP(kind="body", gt_area=gt_area)
         self.hands = HandPoseAccuracy()
         self.results: dict[str, float] = {}  # of the last test run, on every rank

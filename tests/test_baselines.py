@@ -168,12 +168,12 @@ class RecordingHeatmapNet(torch.nn.Module):
         return images.mean(1, keepdim=True).expand(-1, self.joints, -1, -1)
 
 
-def test_network_heatmaps_run_on_the_decoded_noise_difference(monkeypatch):
+def test_network_heatmaps_run_on_the_decoded_noise_difference():
     net = RecordingHeatmapNet()
-    monkeypatch.setattr("experiments.config.instantiate", lambda node: net)
     model = HumanSD(
         components={"tiny": True},
         heatmap={"source": "network", "network": {"target": "x"}, "variant": "released_code"},
+        build_node=lambda node: net,
     )
     losses = model.losses(_batch(), train=True)
     (seen,) = net.seen
