@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -170,32 +171,35 @@ def _convert_shard(job) -> dict:
     return stats
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """Worker initializer: ask Linux to kill this process when its parent dies, so that a
-    converter killed with ``--processes N`` leaves no N orphans writing on (a no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+    converter killed with ``--processes N`` leaves no N orphans writing on. Other systems have
+    no such request: there the workers end when they next ask for work."""
+    if not sys.platform.startswith("linux"):
         return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
-def check_source(out: Path, items: Sequence, source_id: Callable[[object], str]) -> None:
-    """Record in ``out/source.json`` what the shards are converted from (the number of items
-    and a digest of their source ids); refuse to resume into shards of another source, which
-    would keep stale shards and under-report the summary."""
+def check_source(
+    out: Path, items: Sequence, source_id: Callable[[object], str], val_fraction: float
+) -> None:
+    """Record in ``out/source.json`` what the shards are converted from (the number of items,
+    a digest of their source ids, the validation fraction that split them); refuse to resume
+    into shards of another source, which would keep stale shards and under-report the
+    summary."""
     digest = hashlib.sha256("\n".join(sorted(source_id(i) for i in items)).encode()).hexdigest()
-    record = {"items": len(items), "source_ids_sha256": digest}
+    record = {"items": len(items), "source_ids_sha256": digest, "val_fraction": val_fraction}
     file = out / "source.json"
     if file.is_file():
         saved = json.loads(file.read_text())
         if saved != record:
             raise ValueError(
-                f"{out} holds shards converted from another source ({saved['items']} items, "
-                f"now {len(items)}; source ids differ): use an empty --out folder"
+                f"{out} holds shards converted from another source or split ({saved} now "
+                f"{record}): use an empty --out folder"
             )
     elif any(out.glob("*.tar")):
         raise ValueError(f"{out} holds shards of an unknown source: use an empty --out folder")
@@ -220,7 +224,7 @@ def convert_dataset(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_source(out, items, source_id)
+    check_source(out, items, source_id, val_fraction)
     samples_per_shard = _layout(
         out, samples_per_shard, lambda: estimate_samples_per_shard(items, convert, shard_bytes)
     )
@@ -240,7 +244,9 @@ def convert_dataset(
     results = list(done)
     with tqdm(total=len(jobs) + len(done), initial=len(done), desc=desc, unit="shard") as bar:
         if processes > 1:
-            with ProcessPoolExecutor(processes, initializer=die_with_parent) as pool:
+            with ProcessPoolExecutor(
+                processes, initializer=die_with_parent, initargs=(os.getpid(),)
+            ) as pool:
                 for (split, _), stats in zip(
                     jobs, pool.map(_convert_shard, [j for _, j in jobs]), strict=True
                 ):

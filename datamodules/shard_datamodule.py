@@ -93,7 +93,8 @@ class ShardDataModule(L.LightningDataModule, ABC):
         """Where the training stream is (saved in checkpoints by Lightning): the epoch and the
         batches of it this rank trained on, so that a resumed run continues the stream."""
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # during fit, also when a checkpoint is written at validation end
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         return {"epoch": trainer.current_epoch, "batches": progress.processed}
@@ -112,7 +113,8 @@ class ShardDataModule(L.LightningDataModule, ABC):
             check_split(urls, world, self.num_workers, "train_shards" if train else "val_shards")
         # a resumed run continues the stream where its checkpoint left it (once)
         resume = getattr(self, "_resume", None) if train else None
-        self._resume = None
+        if train:
+            self._resume = None
         position = (
             StreamPosition(resume.epoch, resume.batches, self.batch_size)
             if resume

@@ -23,11 +23,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (Lightning writes in place: a kill mid-save left a 0-byte ``last.ckpt``)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own (fsspec) writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            torch.save(checkpoint, tmp)
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -268,7 +268,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "batch_size": (1, math.inf, True),
     "num_workers": (0, math.inf, True),
     "epoch_size": (1, math.inf, True),
-    "shuffle_buffer": (1, math.inf, True),
+    "shuffle_buffer": (0, math.inf, True),
     "resolution": (8, math.inf, True),
     "lr": (0, math.inf, False),
     "decay": (0, 1, True),
@@ -280,7 +280,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "accumulate_grad_batches": (1, math.inf, True),
     "every_n_train_steps": (0, math.inf, True),
     "every_n_steps": (1, math.inf, True),
-    "log_every_n_steps": (1, math.inf, True),
+    "log_every_n_steps": (0, math.inf, True),
     "subset": (1, math.inf, True),
     "timing_runs": (0, math.inf, True),
 }
@@ -347,8 +347,9 @@ def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool 
     signature = inspect.signature(obj)
     try:
         hints = typing.get_type_hints(fn)
+        typed = True
     except Exception:  # unresolvable forward references in third-party code: skip types
-        hints = {}
+        hints, typed = {}, False
     accepted = {
         n: p
         for n, p in signature.parameters.items()
@@ -363,7 +364,8 @@ def check_kwargs(obj, params, path: str, provenance: Provenance, required: bool 
                 continue
             _unknown(key_path, accepted, provenance, owner)
         annotation = hints.get(key)
-        if annotation is None and accepted[key].default not in (inspect.Parameter.empty, None):
+        unannotated = annotation is None and typed
+        if unannotated and accepted[key].default not in (inspect.Parameter.empty, None):
             # unannotated: the default's type (lightning.Trainer's are annotated)
             annotation = type(accepted[key].default)
         choices = _literal_in(annotation)

@@ -158,21 +158,30 @@ def file_digest(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
 
 
 def check_generation(
-    method: str, node: dict, images: Path, overrides: Sequence[str], regenerate: bool
+    method: str,
+    node: dict,
+    images: Path,
+    overrides: Sequence[str],
+    regenerate: bool,
+    seed: int = 0,
 ) -> None:
-    """Keep ``images/generation.json``: the method's settings and the digests of its
-    checkpoints. Images made with other ones are refused (or, with ``regenerate``, deleted)
-    instead of being scored under the new settings."""
+    """Keep ``images/generation.json``: the method's settings, the sampling seed and the
+    digests of its checkpoints. Images made with other ones, or with no record at all, are
+    refused (or, with ``regenerate``, deleted) instead of being scored under new settings."""
     record = {
         "method": node,
+        "seed": seed,
         "checkpoints": {
             key: {"path": path, "digest": file_digest(path)}
             for key, path in checkpoint_files(node, overrides).items()
         },
     }
     file = images / "generation.json"
-    if file.is_file():
-        saved = json.loads(file.read_text())
+    if not file.is_file() and any(images.glob("*.png")):
+        saved = {"images": "made before generation records were kept"}
+    else:
+        saved = json.loads(file.read_text()) if file.is_file() else None
+    if saved is not None:
         now = json.loads(json.dumps(record))
         if saved != now:
             before, after = flatten(saved), flatten(now)
@@ -188,7 +197,9 @@ def check_generation(
             shutil.rmtree(images)
     if rank_zero_only.rank == 0:
         images.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(record, indent=1))
+        tmp = file.with_name(f".{file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, file)  # whole for ranks that read it at the same time
 
 
 def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
@@ -222,7 +233,8 @@ def evaluate_method(
     table must show (e.g. where the two-stage hand masks came from)."""
     images = out / method / "images"
     overrides = container.get("train_overrides") or []
-    check_generation(method, node, images, overrides, eval_set.regenerate_changed)
+    seed = container.get("seed", 0)
+    check_generation(method, node, images, overrides, eval_set.regenerate_changed, seed)
     predictor = make(node, out_dir=str(images), seed=container.get("seed", 0))
     predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)

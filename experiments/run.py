@@ -92,9 +92,10 @@ def build(cfg, provenance: Provenance):
         for name, node in (container.get("callbacks") or {}).items()
         if node is not None
     ]
-    trainer = L.Trainer(
-        **container["trainer"], logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
+    trainer_args = dict(container["trainer"])
+    plugins = trainer_args.pop("plugins", None) or []
+    plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+    trainer = L.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=plugins)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(flatten(container))
     return model, datamodule, trainer, ckpt_path

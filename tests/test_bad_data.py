@@ -167,26 +167,26 @@ def test_resuming_into_shards_of_another_source_is_refused(tmp_path):
 
     out = tmp_path / "out"
     convert_dataset([f"k{i}" for i in range(40)], str, convert, out, samples_per_shard=10)
-    with pytest.raises(ValueError, match=r"another source.*40 items, now 20"):
+    with pytest.raises(ValueError, match=r"another source or split.*'items': 40.*'items': 20"):
         convert_dataset([f"n{i}" for i in range(20)], str, convert, out, samples_per_shard=10)
     # the same source resumes
     convert_dataset([f"k{i}" for i in range(40)], str, convert, out, samples_per_shard=10)
 
 
 _ORPHANS = """
-import sys, time
-from concurrent.futures import ProcessPoolExecutor
-from datamodules.converter import die_with_parent
+import os, sys, time
+from pathlib import Path
+from datamodules.converter import convert_dataset
 
-def work(_):
+PIDS = Path(sys.argv[1])
+
+def slow(item):
+    (PIDS / str(os.getpid())).touch()
     time.sleep(120)
 
 if __name__ == "__main__":
-    pool = ProcessPoolExecutor(2, initializer=die_with_parent)
-    futures = [pool.submit(work, i) for i in range(2)]
-    time.sleep(2)
-    print(" ".join(str(p) for p in pool._processes), flush=True)
-    time.sleep(120)
+    convert_dataset([f"k{i}" for i in range(4)], str, slow, PIDS.parent / "out",
+                    samples_per_shard=1, processes=2)
 """
 
 
@@ -201,6 +201,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_converter_workers_die_with_their_parent(tmp_path):
+    """convert_dataset --processes 2, its parent killed: the workers go too (they used to keep
+    converting, ~780 MB each)."""
     import os
     import signal
     import subprocess
@@ -208,16 +210,22 @@ def test_converter_workers_die_with_their_parent(tmp_path):
     import time
     from pathlib import Path
 
-    script = tmp_path / "orphans.py"
+    script, pids = tmp_path / "orphans.py", tmp_path / "pids"
     script.write_text(_ORPHANS)
+    pids.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env,
-                              text=True)  # fmt: skip
-    workers = [int(p) for p in parent.stdout.readline().split()]
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)], env=env)
+    deadline = time.time() + 60
+    while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.1)  # both workers are converting (their initializer has run)
+    workers = [int(p.name) for p in pids.iterdir()]
     assert len(workers) == 2 and all(_alive(p) for p in workers)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.time() + 10
     while any(_alive(p) for p in workers) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in workers)
+        time.sleep(0.1)
+    alive = [p for p in workers if _alive(p)]
+    for pid in alive:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive

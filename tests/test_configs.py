@@ -80,6 +80,16 @@ def test_bad_values_are_named_before_anything_is_built(override, expected):
         load_config([TINY], [override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.log_every_n_steps=0", "data.params.shuffle_buffer=0", "trainer.devices=auto",
+     "trainer.val_check_interval=0.5", "trainer.precision=bf16-mixed",
+     "model.params.optimizer.lr=1"],
+)  # fmt: skip
+def test_valid_edge_values_are_accepted(override):
+    load_config([TINY], [override])
+
+
 def test_unparsable_files_and_overrides_without_equals_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [1, 2\nname: x\n")

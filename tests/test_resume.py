@@ -38,9 +38,9 @@ def _fit(synthetic_dir, bad_shard, record: Path, *extra: str) -> None:
             f"data.params.train_shards=[{synthetic_dir}/train-*.tar,{bad_shard}]",
             "data.params.val_shards=null",
             "data.params.batch_size=4",
-            "data.params.epoch_size=48",  # 12 batches per epoch: resumes land mid-epoch
+            "data.params.epoch_size=24",  # 6 batches an epoch: the resume at 5 lands mid-epoch
             "callbacks.images=null",
-            "callbacks.checkpoint.params.every_n_train_steps=10",
+            "callbacks.checkpoint.params.every_n_train_steps=5",
             "callbacks.recorder.target=tests.test_resume.KeyRecorder",
             f"callbacks.recorder.params.path={record}",
             *extra,
@@ -62,24 +62,25 @@ def test_a_resumed_run_sees_what_an_uninterrupted_run_saw(
     (tmp_path / "whole").mkdir()
     (tmp_path / "parts").mkdir()
     monkeypatch.chdir(tmp_path / "whole")
-    _fit(synthetic_dir, bad_shard, tmp_path / "whole.jsonl", loader, "trainer.max_steps=30")
+    _fit(synthetic_dir, bad_shard, tmp_path / "whole.jsonl", loader, "trainer.max_steps=10")
     monkeypatch.chdir(tmp_path / "parts")
-    _fit(synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=20")
+    # resumed at batch 5: an odd position, so with 2 workers the other one serves first
+    _fit(synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=5")
     _fit(
-        synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=30",
+        synthetic_dir, bad_shard, tmp_path / "parts.jsonl", loader, "trainer.max_steps=10",
         "ckpt_path=last",
     )  # fmt: skip
     whole, parts = _steps(tmp_path / "whole.jsonl"), _steps(tmp_path / "parts.jsonl")
-    assert sorted(whole) == sorted(parts) == list(range(30))
-    assert all(parts[s] == whole[s] for s in range(30)), [
-        s for s in range(30) if parts[s] != whole[s]
+    assert sorted(whole) == sorted(parts) == list(range(10))
+    assert all(parts[s] == whole[s] for s in range(10)), [
+        s for s in range(10) if parts[s] != whole[s]
     ]
     run = "logs/hand/tiny/version_0/checkpoints/last.ckpt"
     a = torch.load(tmp_path / "whole" / run, weights_only=True)
     b = torch.load(tmp_path / "parts" / run, weights_only=True)
     # the checkpoint holds the EMA of its own step; the resumed EMA equals the uninterrupted
-    assert a["ema"]["optimization_step"] == a["global_step"] == 30
-    assert b["ema"]["optimization_step"] == 30
+    assert a["ema"]["optimization_step"] == a["global_step"] == 10
+    assert b["ema"]["optimization_step"] == 10
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
         torch.testing.assert_close(x, y)
     # skipped-sample counts continue over the resume
@@ -95,7 +96,7 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
 
     def killed(obj, file, *args, **kwargs):
-        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
+        file.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # what a SIGTERM handler or Ctrl-C raises mid-save
 
     monkeypatch.setattr(torch, "save", killed)
@@ -106,29 +107,41 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+def test_training_writes_checkpoints_through_the_atomic_writer(synthetic_dir, tmp_path):
+    from experiments.config import load_config
+    from experiments.run import build
+
+    cfg, provenance = load_config(
+        [str(ROOT / "experiments/hand/tiny.yaml")],
+        [f"data.params.train_shards={synthetic_dir}/train-*.tar", "data.params.val_shards=null"],
+    )
+    _, _, trainer, _ = build(cfg, provenance)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
 def test_resume_passes_over_a_damaged_checkpoint_without_duplicate_tensorboard_steps(
     synthetic_dir, tmp_path, monkeypatch, caplog
 ):
-    """Killed while writing last.ckpt at step 20 (here: truncated to 0 bytes, step 20's own
-    checkpoint gone): the resume starts from step 10, says so, and TensorBoard keeps one
-    value per step, not the replayed steps 10-19 twice."""
+    """Killed while writing last.ckpt at step 10 (here: truncated to 0 bytes, step 10's own
+    checkpoint gone): the resume starts from step 5, says so, and TensorBoard keeps one
+    value per step, not the replayed steps 5-9 twice."""
     bad_shard = write_tar(tmp_path / "extra.tar", [make_raw_sample("extra")])
     monkeypatch.chdir(tmp_path)
     record = tmp_path / "keys.jsonl"
-    _fit(synthetic_dir, bad_shard, record, "trainer.max_steps=20", "trainer.log_every_n_steps=1")
+    _fit(synthetic_dir, bad_shard, record, "trainer.max_steps=10", "trainer.log_every_n_steps=1")
     run = tmp_path / "logs/hand/tiny/version_0"
     (run / "checkpoints/last.ckpt").write_bytes(b"")
-    (run / "checkpoints/step0000020.ckpt").unlink()
+    (run / "checkpoints/step0000010.ckpt").unlink()
     found = find_last_checkpoint({"name": "hand/tiny"})
-    assert found is not None and found.name == "step0000010.ckpt"
+    assert found is not None and found.name == "step0000005.ckpt"
     assert "last.ckpt is damaged" in caplog.text
     _fit(
-        synthetic_dir, bad_shard, record, "trainer.max_steps=20", "trainer.log_every_n_steps=1",
+        synthetic_dir, bad_shard, record, "trainer.max_steps=10", "trainer.log_every_n_steps=1",
         "ckpt_path=last",
     )  # fmt: skip
     events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 19
+    assert len(steps) == len(set(steps)) and max(steps) == 9
 
 
 @pytest.mark.parametrize(
