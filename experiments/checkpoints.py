@@ -52,7 +52,13 @@ def find_last_checkpoint(container: dict) -> Path | None:
     candidates = glob.glob(
         os.path.join(save_dir, container["name"], "version_*", "checkpoints", "*.ckpt")
     )
-    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+    # newest first; on an mtime tie (coarse file-system clocks) last.ckpt, then the higher step
+    newest = sorted(
+        candidates,
+        key=lambda p: (os.path.getmtime(p), Path(p).name == "last.ckpt", Path(p).name),
+        reverse=True,
+    )
+    for path in newest:
         if complete(path):
             return Path(path)
         log.warning("checkpoint %s is damaged (incomplete file): passed over", path)

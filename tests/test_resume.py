@@ -5,6 +5,7 @@ checkpoint lost to a kill while saving."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -152,3 +153,15 @@ def test_predict_and_eval_refuse_a_top_level_ckpt_path(command, config, capsys):
         main([command, str(ROOT / "experiments" / config), "ckpt_path=some.ckpt"])
     assert exit_info.value.code == 2
     assert "is not used by" in capsys.readouterr().err
+
+
+def test_the_newest_complete_checkpoint_wins_ties_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "logs/run/version_0/checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("step0000005.ckpt", "step0000010.ckpt", "last.ckpt"):
+        torch.save({"state_dict": {}}, folder / name)
+        os.utime(folder / name, (1000, 1000))  # one second for all: a coarse clock
+    assert find_last_checkpoint({"name": "run"}).name == "last.ckpt"
+    (folder / "last.ckpt").write_bytes(b"")
+    assert find_last_checkpoint({"name": "run"}).name == "step0000010.ckpt"
