@@ -8,7 +8,7 @@ from dataclasses import replace
 from functools import partial
 
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
-from datamodules.schema import MIN_IMAGE_SIZE, Sample, person_area
+from datamodules.schema import MIN_IMAGE_SIZE, Sample, keypoint_extent, person_area
 from datamodules.shard_datamodule import ExampleFn, ShardDataModule
 from datamodules.shards import Skipped
 
@@ -21,8 +21,7 @@ def hand_examples(
     each hand smaller than ``config.min_hand_size``; no flips for validation data."""
     config = config if augment else replace(config, flip_prob=0.0)
     for n, (keypoints, is_right, person) in enumerate(visible_hands(sample, config)):
-        points = keypoints[keypoints[:, 2] > 0, :2]
-        extent = float((points.max(0) - points.min(0)).max())
+        extent = keypoint_extent(keypoints)
         if extent < config.min_hand_size:
             side = "right" if is_right else "left"
             yield Skipped(

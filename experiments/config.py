@@ -97,6 +97,11 @@ def _leaves(node, prefix: str = ""):
         yield prefix
 
 
+def _one_line(exc: Exception) -> str:
+    """A parser's multi-line message as one line."""
+    return " ".join(str(exc).split())
+
+
 def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
     path = path.resolve()
     if path in seen:
@@ -108,8 +113,7 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictC
     try:
         cfg = OmegaConf.load(path)
     except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())
-        raise ConfigError(f"{path}: cannot parse: {reason}") from None
+        raise ConfigError(f"{path}: cannot parse: {_one_line(exc)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping")
     sources = []
@@ -152,8 +156,9 @@ def load_config(
         try:
             sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
         except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
-            reason = " ".join(str(exc).split())
-            raise ConfigError(f"{COMMAND_LINE}: cannot parse the overrides: {reason}") from None
+            raise ConfigError(
+                f"{COMMAND_LINE}: cannot parse the overrides: {_one_line(exc)}"
+            ) from None
     provenance = Provenance()
     for name, cfg in sources:
         for key in _leaves(OmegaConf.to_container(cfg, resolve=False)):

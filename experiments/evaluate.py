@@ -99,12 +99,17 @@ def loaded_models(node: dict) -> list[tuple[str, str, str | None]]:
         name: p.default
         for name, p in inspect.signature(import_target(node["target"])).parameters.items()
     }
-    return [
-        (config, key[: -len("config")] + "ckpt",
-         params.get(key[: -len("config")] + "ckpt", defaults.get(key[: -len("config")] + "ckpt")))
-        for key, config in params.items()
-        if key.endswith("config") and isinstance(config, str)
-    ]  # fmt: skip
+    models = []
+    for key, config in params.items():
+        if key.endswith("config") and isinstance(config, str):
+            ckpt_key = key.removesuffix("config") + "ckpt"
+            models.append((config, ckpt_key, params.get(ckpt_key, defaults.get(ckpt_key))))
+    return models
+
+
+def last_checkpoint_of(config: str, overrides: Sequence[str] = ()) -> Path | None:
+    """The checkpoint ``ckpt: last`` means for an experiment config (and overrides) now."""
+    return find_last_checkpoint(OmegaConf.to_container(_load_config([config], overrides)[0]))
 
 
 def required_training(node: dict) -> list[str]:
@@ -117,8 +122,7 @@ def ensure_trained(methods: dict[str, dict], train_overrides: Sequence[str]) -> 
     pending = []
     for node in methods.values():
         for config in required_training(node):
-            container = OmegaConf.to_container(_load_config([config], train_overrides)[0])
-            if find_last_checkpoint(container) is None and config not in pending:
+            if last_checkpoint_of(config, train_overrides) is None and config not in pending:
                 pending.append(config)
     if not pending:
         return
@@ -138,8 +142,7 @@ def checkpoint_files(node: dict, overrides: Sequence[str] = ()) -> dict[str, str
     files = {}
     for config, ckpt_key, ckpt in loaded_models(node):
         if ckpt == "last":
-            container = OmegaConf.to_container(_load_config([config], overrides)[0])
-            ckpt = find_last_checkpoint(container)
+            ckpt = last_checkpoint_of(config, overrides)
         if ckpt:
             files[ckpt_key] = str(ckpt)
     return files

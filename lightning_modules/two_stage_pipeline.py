@@ -16,7 +16,7 @@ from datamodules.canvas import align_hand, paste_hands
 from datamodules.full_body_datamodule import FullBodyConfig
 from datamodules.hand_crops import HandCropConfig, crop_box, hand_condition
 from datamodules.rendering import hull_mask, render_full_skeleton
-from datamodules.schema import Person
+from datamodules.schema import Person, keypoint_extent
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
@@ -27,7 +27,7 @@ from lightning_modules.predictor import (
     save_png,
     seeds_for,
 )
-from metrics.hand_pose import match_hands
+from metrics.hand_pose import keypoint_errors, match_hands
 from metrics.pose_estimators import MediaPipeHands, PoseEstimator
 
 MaskSource = Literal["auto", "predicted", "keypoint_hull"]
@@ -60,13 +60,13 @@ def plan_hands(
             for side, kp in (("left", person.left_hand), ("right", person.right_hand)):
                 if kp is None:
                     continue
-                labelled = kp[kp[:, 2] > 0, :2]
-                if len(labelled) < max(crop.min_visible_keypoints, 2):
+                labelled = int((kp[:, 2] > 0).sum())
+                if labelled < max(crop.min_visible_keypoints, 2):
                     reports[i].hands_skipped.append(
-                        {"side": side, "reason": f"{len(labelled)} labelled keypoints"}
+                        {"side": side, "reason": f"{labelled} labelled keypoints"}
                     )
                     continue
-                extent = float((labelled.max(0) - labelled.min(0)).max())
+                extent = keypoint_extent(kp)
                 if extent < min_hand_size:
                     reports[i].hands_skipped.append(
                         {"side": side, "reason": f"too small ({extent:.1f} px < {min_hand_size})"}
@@ -86,7 +86,7 @@ def check_hands(detector: PoseEstimator, images: torch.Tensor, plans: list[HandP
     """Stage 1's own accuracy: a hand detector on each generated hand ``[N, 3, r, r]`` in
     [0, 1]; per hand, the mean distance (crop px and as a fraction of the hand's size, the
     longest side of its keypoint box) between the detected keypoints and the conditioning
-    keypoints, over those labelled, and the side the detector sees."""
+    keypoints, over those labelled, and the side the detector sees (its ``"sides"``)."""
     checks = []
     for plan, found in zip(plans, detector.estimate(images), strict=True):
         given = plan.crop_keypoints
@@ -96,15 +96,11 @@ def check_hands(detector: PoseEstimator, images: torch.Tensor, plans: list[HandP
         matches = match_hands(detected, given[None])
         if matches:
             d = matches[0][0]
-            labelled = given[:, 2] > 0
-            points = given[labelled, :2]
-            error = float(np.linalg.norm(detected[d, labelled, :2] - points, axis=-1).mean())
-            size = float((points.max(0) - points.min(0)).max())
+            errors, size = keypoint_errors(detected[d], given)
+            error = float(errors.mean())
             check.update(detected=True, error_px=error, error_rel=error / max(size, 1e-6))
-            if "handedness" in found:
-                # MediaPipe labels assume a mirrored (selfie) image
-                label = found["handedness"][d].lower()
-                check["detected_side"] = {"left": "right", "right": "left"}.get(label)
+            if "sides" in found:
+                check["detected_side"] = found["sides"][d]
         checks.append(check)
     return checks
 

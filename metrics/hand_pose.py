@@ -7,10 +7,19 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
+from datamodules.schema import keypoint_extent
 from metrics.keypoint_sigmas import HAND_SIGMAS
 from metrics.pose_ap import PoseAP
 
 PCK_ALPHAS = (0.1, 0.2)
+
+
+def keypoint_errors(detected: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, float]:
+    """Distances (px) from a detected hand ``[21, 3]`` to a given one ``[21, 3]`` over the
+    given hand's labelled keypoints, and the given hand's size (:func:`keypoint_extent`)."""
+    labelled = given[:, 2] > 0
+    error = np.linalg.norm(detected[labelled, :2] - given[labelled, :2], axis=-1)
+    return error, keypoint_extent(given)
 
 
 def match_hands(detected: np.ndarray, given: np.ndarray) -> list[tuple[int, int]]:
@@ -78,10 +87,7 @@ class HandPoseAccuracy(Metric):
             self.keypoints += int((given[:, :, 2] > 0).sum())
             for d, g in match_hands(detected, given):
                 self.matched += 1
-                labelled = given[g, :, 2] > 0
-                points = given[g, labelled, :2]
-                size = (points.max(0) - points.min(0)).max()
-                error = np.linalg.norm(detected[d, labelled, :2] - points, axis=-1)
+                error, size = keypoint_errors(detected[d], given[g])
                 self.matched_keypoints += len(error)
                 self.error_px += float(error.sum())
                 self.error_rel += float(error.sum() / max(size, 1e-6))

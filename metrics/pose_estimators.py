@@ -67,7 +67,12 @@ class MediaPipeBody:
         return out
 
 
-PALM_LANDMARKS = (0, 5, 9, 13, 17)  # wrist and finger bases: the palm the detector boxes
+PALM_LANDMARKS = (0, 5, 9, 13, 17)
+# MediaPipe's handedness label -> the person's side in an ordinary (not mirrored) photo
+UNMIRRORED = {
+    "Left": "right",
+    "Right": "left",
+}  # wrist and finger bases: the palm the detector boxes
 
 
 def palm_scores(landmarks: np.ndarray, palms: list[tuple[float, float, float]]) -> np.ndarray:
@@ -95,7 +100,7 @@ class MediaPipeHands:
     score to rank hands by for AP, which MediaPipe's handedness confidence is not. MediaPipe
     gives no per-landmark confidence, so every keypoint carries that score. ``"handedness"``
     lists MediaPipe's labels, which assume a mirrored (selfie) image: for an ordinary photo
-    its "Left" is the person's right hand.
+    its "Left" is the person's right hand, as ``"sides"`` (``"left"``/``"right"``) says.
     """
 
     num_keypoints = 21
@@ -148,12 +153,12 @@ class MediaPipeHands:
             keypoints = np.concatenate(
                 [landmarks, np.repeat(scores[:, None, None], 21, 1)], -1
             ).reshape(-1, 21, 3)
+            labels = [h.classification[0].label for h in result.multi_handedness or []]
             out.append({
                 "keypoints": torch.tensor(keypoints, dtype=torch.float32),
                 "scores": torch.tensor(scores, dtype=torch.float32),
-                "handedness": [
-                    h.classification[0].label for h in result.multi_handedness or []
-                ],
+                "handedness": labels,
+                "sides": [UNMIRRORED[label] for label in labels],
             })  # fmt: skip
         return out
 

@@ -90,7 +90,8 @@ class _ShiftedDetector:
         for plan in self.plans:
             kp = torch.from_numpy(plan.crop_keypoints.copy())
             kp[:, :2] += torch.tensor([3.0, 4.0])
-            out.append({"keypoints": kp[None], "scores": torch.ones(1), "handedness": ["Left"]})
+            out.append({"keypoints": kp[None], "scores": torch.ones(1), "handedness": ["Left"],
+                        "sides": ["right"]})  # fmt: skip
         return out
 
 
