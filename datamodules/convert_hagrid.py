@@ -11,10 +11,12 @@ Each annotation file maps an image id (file name without extension) to ``bboxes`
 ``[x, y, w, h]``), ``labels`` (gesture per box, ``no_gesture`` for a free hand), ``user_id``
 and, in v1, ``leading_hand`` (``left``/``right``: the gesture hand); v2 adds ``hand_landmarks``
 (per box, 21 normalised ``[x, y]`` or an empty list). Boxes without landmarks get MediaPipe's
-(run on the box's neighbourhood), flagged in ``source.landmarks_from``. Handedness: v1's
-``leading_hand`` for gesture boxes (the other side for ``no_gesture`` boxes), else the nearer
-body wrist, else MediaPipe's handedness (its labels assume mirrored images, so they are
-swapped for photos). The body comes from MediaPipe pose (``source.body_from``). Caption:
+(run on the box's neighbourhood), flagged in ``source.landmarks_from``. The body is the person
+the offline people estimator (:class:`pose_estimation.MediaPipePeople`) finds whom the hands
+are attributed to (``source.body_from``). Handedness: v1's ``leading_hand`` for gesture boxes
+(the other side for ``no_gesture`` boxes), else the side of the body wrist the hand is
+attributed to, else MediaPipe's handedness (its labels assume mirrored images, so they are
+swapped for photos). Caption:
 "a person showing a <gesture> gesture".
 """
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.annotate import keypoints_from_landmarks, mediapipe_models, nearest_wrist
+from datamodules.annotate import people_estimator
 from datamodules.converter import (
     Drop,
     add_engine_arguments,
@@ -36,7 +39,9 @@ from datamodules.converter import (
     read_rgb,
     unlabel_off_image,
 )
-from metrics.pose_estimators import BLAZEPOSE_TO_COCO
+from pose_estimation.attribution import attribute_hands
+from pose_estimation.mediapipe_hands import Hand
+from pose_estimation.mediapipe_tflite import Roi
 
 
 @dataclass
@@ -54,22 +59,26 @@ def caption_for(labels: list[str]) -> str:
     return f"a person showing a {gestures[0].replace('_', ' ')} gesture"
 
 
-def _mediapipe_hand(pixels: np.ndarray, box: list[float]):
-    """MediaPipe hand landmarks inside (an enlarged) ``box`` of the image, as image pixels,
-    with the person's handedness; None when no hand is found."""
+def _hand_in_box(pixels: np.ndarray, box: list[float]) -> Hand | None:
+    """The best-scored hand MediaPipe finds in (an enlarged) normalised ``box`` of the image,
+    in image pixels; None when there is none."""
     height, width = pixels.shape[:2]
     x, y, w, h = box[0] * width, box[1] * height, box[2] * width, box[3] * height
-    side = max(w, h) * 2
-    x0, y0 = int(max(0, x + w / 2 - side / 2)), int(max(0, y + h / 2 - side / 2))
-    x1, y1 = int(min(width, x0 + side)), int(min(height, y0 + side))
-    crop = np.ascontiguousarray(pixels[y0:y1, x0:x1])
-    result = mediapipe_models()["hands"].process(crop)
-    if not result.multi_hand_landmarks:
-        return None
-    landmarks = result.multi_hand_landmarks[0].landmark
-    kp = np.array([[p.x * (x1 - x0) + x0, p.y * (y1 - y0) + y0, 2.0] for p in landmarks])
-    label = result.multi_handedness[0].classification[0].label
-    return kp, ("right" if label == "Left" else "left")
+    roi = Roi(np.array([x + w / 2, y + h / 2]), 2 * max(w, h, 1.0), 0.0)
+    found = people_estimator().hands.in_rois(pixels, [roi])
+    return max(found, key=lambda hand: hand.score) if found else None
+
+
+def _owner(people: list[dict], hands: list[np.ndarray]) -> tuple[np.ndarray, dict[int, str]]:
+    """The detected body the annotated ``hands`` belong to (the one that most of them are
+    attributed to; else the best-scored person; else unlabelled) and each hand's side on it."""
+    bodies = [np.asarray(p["body"]) for p in people if (np.asarray(p["body"])[:, 2] > 0).any()]
+    if not bodies:
+        return np.zeros((17, 3)), {}
+    owners = attribute_hands(bodies, hands)
+    votes = Counter(n for n, _ in owners.values())
+    best = votes.most_common(1)[0][0] if votes else 0
+    return bodies[best], {h: side for h, (n, side) in owners.items() if n == best}
 
 
 def hagrid_sample(item: HagridItem) -> dict | Drop:
@@ -83,37 +92,33 @@ def hagrid_sample(item: HagridItem) -> dict | Drop:
     boxes, labels = ann.get("bboxes", []), ann.get("labels", [])
     if not boxes or len(boxes) != len(labels):
         return Drop("bad_annotation")
-    pose = mediapipe_models()["pose"].process(pixels)
-    if pose.pose_landmarks is not None:
-        marks = [pose.pose_landmarks.landmark[i] for i in BLAZEPOSE_TO_COCO]
-        body = keypoints_from_landmarks(marks, width, height, [p.visibility for p in marks])
-        body_from = "mediapipe"
-    else:
-        body, body_from = np.zeros((17, 3)), "none"
     landmarks = ann.get("hand_landmarks") or [[] for _ in boxes]
-    leading = ann.get("leading_hand")
-    hands: dict[str, np.ndarray] = {}
+    found = []  # (label, keypoints, MediaPipe's side or None)
     landmarks_from = []
     for box, label, marks in zip(boxes, labels, landmarks, strict=False):
         if marks and len(marks) == 21:
             kp = np.array([[mx * width, my * height, 2.0] for mx, my in marks])
-            mp_side = None
+            found.append((label, kp, None))
             landmarks_from.append("annotation")
-        else:
-            found = _mediapipe_hand(pixels, box)
-            if found is None:
-                landmarks_from.append("none")
-                continue
-            kp, mp_side = found
-            landmarks_from.append("mediapipe")
+            continue
+        hand = _hand_in_box(pixels, box)
+        landmarks_from.append("none" if hand is None else "mediapipe")
+        if hand is not None:
+            found.append((label, hand.keypoints, hand.side))
+    if not found:
+        return Drop("no_hand_landmarks")
+    people = people_estimator().people(pixels)
+    body, body_sides = _owner(people, [kp for _, kp, _ in found])
+    leading = ann.get("leading_hand")
+    hands: dict[str, np.ndarray] = {}
+    for n, (label, kp, mp_side) in enumerate(found):
         if leading in ("left", "right"):
             side = leading if label != "no_gesture" else {"left": "right", "right": "left"}[leading]
         else:
-            side = nearest_wrist(body, kp) or mp_side or ("right" if hands else "left")
+            side = body_sides.get(n) or mp_side or ("right" if hands else "left")
         if side not in hands:  # two hands claiming one side: keep the first
             hands[side] = unlabel_off_image(kp, width, height)
-    if not hands:
-        return Drop("no_hand_landmarks")
+    body = unlabel_off_image(body, width, height)
     union = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in boxes])
     x0, y0 = union[:, :2].min(0) * (width, height)
     x1, y1 = union[:, 2:].max(0) * (width, height)
@@ -127,7 +132,8 @@ def hagrid_sample(item: HagridItem) -> dict | Drop:
         "width": width, "height": height, "caption": caption_for(labels),
         "source": {"dataset": "hagrid", "id": item.image_id, "gesture": item.gesture,
                    "user_id": ann.get("user_id"), "version": 2 if "hand_landmarks" in ann else 1,
-                   "landmarks_from": landmarks_from, "body_from": body_from},
+                   "landmarks_from": landmarks_from,
+                   "body_from": "mediapipe" if (body[:, 2] > 0).any() else "none"},
         "people": [person],
     }  # fmt: skip
     return {

@@ -6,7 +6,10 @@ Expected layout (https://github.com/IDEA-Research/HumanArt): a COCO-style keypoi
 (``images`` with ``id``, ``file_name``, ``width``, ``height`` and the text ``description`` and
 scene ``category``; ``annotations`` with 17 COCO keypoints per person) and the images under
 ``HUMANART_ROOT/<file_name>``. Caption: the description, else "a <category> image of people".
-Hands come from MediaPipe. Persons without a labelled keypoint are left out.
+Hands come from the offline people estimator (:class:`pose_estimation.MediaPipePeople`: whole
+image and crops around each labelled wrist), attributed to the labelled people by wrist and
+forearm; hands that fit no labelled person are left out. Persons without a labelled keypoint
+are left out.
 """
 
 from __future__ import annotations

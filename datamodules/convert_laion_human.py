@@ -10,7 +10,8 @@ Expected layout (https://github.com/IDEA-Research/HumanSD, "LAION-Human"):
 Each pose file is an ``.npz`` whose ``arr_0`` is an object array of per-person dicts with
 ``"keypoints"`` ``[17, 3]`` (COCO-17, x, y, score). Reading object arrays needs
 ``allow_pickle=True``, and unpickling runs code from the file, so this converter does it only
-with ``--trust-pickle`` and never unpickles anything else. Hands come from MediaPipe.
+with ``--trust-pickle`` and never unpickles anything else. Hands come from the offline people
+estimator, attributed to the labelled people (:func:`datamodules.annotate.people_with_hands`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from lightning_modules.predictor import (
     seeds_for,
 )
 from metrics.hand_pose import keypoint_errors, match_hands
-from metrics.pose_estimators import MediaPipeHands, PoseEstimator
+from pose_estimation import MediaPipePeople, PoseEstimator
 
 MaskSource = Literal["auto", "predicted", "keypoint_hull"]
 
@@ -314,7 +314,9 @@ class TwoStagePredictor(GenerationPredictor):
         )
         # a small confidence: generated hands at crop size are judged, not found in a scene
         self.hand_detector = (
-            MediaPipeHands(max_num_hands=2, min_detection_confidence=0.3) if check_hands else None
+            MediaPipePeople(part="hands", detect_bodies=False, max_num_hands=2, min_hand_score=0.3)
+            if check_hands
+            else None
         )
         self.resolution = body.resolution
         self.settings = {"hand_mask": self.pipeline.hand_mask}

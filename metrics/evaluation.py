@@ -34,8 +34,8 @@ COLUMNS = (
     ("seconds_per_image_batch1", False, 1),
 )  # fmt: skip
 
-MEDIAPIPE_BODY = {"target": "metrics.pose_estimators.MediaPipeBody", "params": {}}
-MEDIAPIPE_HANDS = {"target": "metrics.pose_estimators.MediaPipeHands", "params": {}}
+MEDIAPIPE_BODY = {"target": "pose_estimation.MediaPipePeople", "params": {"part": "body"}}
+MEDIAPIPE_HANDS = {"target": "pose_estimation.MediaPipePeople", "params": {"part": "hands"}}
 
 
 def format_value(value: float) -> str:
@@ -194,8 +194,8 @@ class Evaluator(L.LightningModule):
             "antialias": self.hparams.antialias,
             "clip": self.hparams.clip_model
             or f"{self.hparams.clip_model_name}/{self.hparams.clip_pretrained}",
-            "body_estimator": (self.hparams.body_estimator or {}).get("target"),
-            "hand_estimator": (self.hparams.hand_estimator or {}).get("target"),
+            "body_estimator": self.hparams.body_estimator,
+            "hand_estimator": self.hparams.hand_estimator,
             "gt_area": self.hparams.gt_area,
             "per_category": self.hparams.per_category,
             "world_size": self.trainer.world_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -468,3 +469,24 @@ def test_humanart_coco_keypoints_and_descriptions(tmp_path):
         annotations[0]["keypoints"],
         atol=0.005,
     )
+
+
+def test_annotator_keeps_every_person_of_a_real_street_photo(tmp_path):
+    # The legacy annotator kept one person per photo (MediaPipe's pose graph finds one)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    real = Path(__file__).parent / "data" / "real_photos"
+    for name in ("crowdpose_103319.jpg", "panoptic_ex2_2_000040_l.jpg"):
+        (photos / name).write_bytes((real / name).read_bytes())
+    summary = annotate_main(["--images", str(photos), "--out", str(tmp_path / "out"),
+                             "--val-fraction", "0"])  # fmt: skip
+    assert summary["train"]["written"] == 2
+    samples = _read(tmp_path / "out")
+    street = samples["crowdpose_103319"]
+    bodies = [p for p in street.people if (p.body[:, 2] > 0).any()]
+    assert len(bodies) >= 2
+    assert sum(h is not None for p in bodies for h in (p.left_hand, p.right_hand)) >= 3
+    assert street.source["estimator"] == "mediapipe"
+    signer = samples["panoptic_ex2_2_000040_l"]
+    assert any(p.left_hand is not None for p in signer.people)
+    assert signer.mask is not None and signer.mask.any()  # her hands, on her

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "lightning_modules": ("experiments",),
     "metrics": ("experiments", "lightning_modules"),
-    "datamodules": ("experiments", "lightning_modules"),
+    "datamodules": ("experiments", "lightning_modules", "metrics"),
+    # the estimators the annotator and the metrics share import neither
+    "pose_estimation": ("experiments", "lightning_modules", "metrics", "datamodules"),
 }
 
 
