@@ -20,6 +20,7 @@ import torchmetrics
 
 from metrics.clip_sim import CLIPSim
 from metrics.fid_kid import FID, KID, CategoryFIDKID
+from metrics.hand_fid import HandFIDKID
 from metrics.hand_pose import HandPoseAccuracy
 from metrics.pose_ap import GtArea, PoseAP
 
@@ -28,8 +29,10 @@ from metrics.pose_ap import GtArea, PoseAP
 COLUMNS = (
     ("fid", False, 1), ("kid_mean", False, 10), ("fid_category_mean", False, 1),
     ("kid_category_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
-    ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("pck@0.2", True, 100),
-    ("hand_mke", False, 100), ("detection_rate", True, 100), ("stage1_detection_rate", True, 100),
+    ("cap", True, 100), ("pce", False, 1), ("clipsim", True, 1), ("fid_h", False, 1),
+    ("kid_h_mean", False, 10), ("pck@0.2", True, 100), ("hand_mpjpe", False, 100),
+    ("hand_mpjpe_px", False, 1), ("detection_rate", True, 100), ("hand_confidence", True, 100),
+    ("stage1_detection_rate", True, 100),
     ("stage1_error_rel", False, 100), ("seconds_per_image", False, 1),
     ("seconds_per_image_batch1", False, 1),
 )  # fmt: skip
@@ -85,6 +88,9 @@ class Evaluator(L.LightningModule):
     category's values in ``results.json`` under ``per_category``). ``gt_area``: the body AP's
     OKS scale (:class:`~metrics.pose_ap.PoseAP`): ``labelled`` (the box of the labelled
     keypoints, default) or ``humansd_code`` (HumanSD's released evaluation code).
+    ``hand_fid``: FID-H and KID-H on hand crops (:class:`~metrics.hand_fid.HandFIDKID`: real
+    images at their labelled hands, generated ones at their conditioning hands), sharing the
+    Inception network of FID.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class Evaluator(L.LightningModule):
         kid_subset_size: int = 1000,
         per_category: bool = False,
         gt_area: GtArea = "labelled",
+        hand_fid: bool = True,
         seed: int = 0,
         build_node: Callable[[dict], object] | None = None,
     ):
@@ -117,6 +124,11 @@ class Evaluator(L.LightningModule):
         self.fid = FID(extractor, inception_weights, antialias)
         self.kid = KID(
             extractor, kid_subsets, kid_subset_size, inception_weights, antialias, seed=seed
+        )
+        self.hand_fid = (
+            HandFIDKID(self.fid.inception.extractor, kid_subsets, kid_subset_size, seed=seed)
+            if hand_fid
+            else None
         )
         self.categories = (
             CategoryFIDKID(kid_subsets, kid_subset_size, seed=seed) if per_category else None
@@ -136,6 +148,8 @@ class Evaluator(L.LightningModule):
         real = dataloader_idx == 1
         self.fid.update(images, real=real)
         self.kid.update(images, real=real)
+        if self.hand_fid is not None:
+            self.hand_fid.update(images, batch["hands"], real)
         if self.categories is not None:
             self.categories.update(self.fid.inception(images), real, batch["category"])
         if real:
@@ -164,6 +178,8 @@ class Evaluator(L.LightningModule):
         results = {"fid": self.fid.compute()}
         results["kid_mean"], results["kid_std"] = self.kid.compute()
         results["clipsim"] = self.clip.compute()
+        if self.hand_fid is not None:
+            results.update(self.hand_fid.compute())
         per_category = {}
         if self.categories is not None:
             by_category = self.categories.compute()

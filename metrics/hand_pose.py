@@ -47,10 +47,14 @@ class HandPoseAccuracy(Metric):
     - ``pck@0.1``, ``pck@0.2``: fraction of labelled given keypoints whose matched detection
       lies within ``alpha * max(w, h)`` of them, (w, h) the given hand's keypoint bounding
       box; a hand with no matched detection counts all its keypoints as misses;
-    - ``hand_mke``, ``hand_mke_px``: mean keypoint error of matched hands, as a fraction of
-      the hand's size ``max(w, h)`` and in pixels (averaged over keypoints);
+    - ``hand_mpjpe``, ``hand_mpjpe_px``: MPJPE-2D, the mean keypoint error of matched hands,
+      as a fraction of the hand's size ``max(w, h)`` and in pixels (averaged over keypoints);
     - ``detection_rate``: fraction of given hands matched to a detection (one-to-one,
-      minimal mean keypoint distance);
+      minimal mean keypoint distance; a pair counts only when that distance is at most
+      ``match_gate`` x the given hand's size, so a hand found elsewhere is not this hand);
+    - ``hand_confidence``: mean detection score of the matched hands, over detected hands
+      only (as Hand1000's Hand-Conf): read it with ``detection_rate``, since it can rise while
+      fewer hands are found;
     - ``hand_ap``, ``hand_ap50``, ``hand_ap75``: keypoint AP with COCO-WholeBody hand sigmas,
       the OKS scale being the person's area where given (as COCO-WholeBody), else the hand's
       keypoint box. A hand's OKS with its own small box is harsh: on a 40 px hand 2 px of
@@ -61,8 +65,9 @@ class HandPoseAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, match_gate: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        self.match_gate = match_gate
         self.ap = PoseAP(kind="hand", **kwargs)
         for alpha in PCK_ALPHAS:
             self.add_state(
@@ -74,6 +79,7 @@ class HandPoseAccuracy(Metric):
         for name in ("error_px", "error_rel"):
             self.add_state(name, default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("matched", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("confidence", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("hands", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict], target: list[dict], image_ids=None) -> None:
@@ -85,9 +91,13 @@ class HandPoseAccuracy(Metric):
             given = given[(given[:, :, 2] > 0).any(-1)]
             self.hands += len(given)
             self.keypoints += int((given[:, :, 2] > 0).sum())
+            scores = torch.as_tensor(pred["scores"]).double().reshape(-1).cpu().numpy()
             for d, g in match_hands(detected, given):
-                self.matched += 1
                 error, size = keypoint_errors(detected[d], given[g])
+                if error.mean() > self.match_gate * size:
+                    continue
+                self.matched += 1
+                self.confidence += float(scores[d])
                 self.matched_keypoints += len(error)
                 self.error_px += float(error.sum())
                 self.error_rel += float(error.sum() / max(size, 1e-6))
@@ -103,8 +113,10 @@ class HandPoseAccuracy(Metric):
         out["detection_rate"] = self.matched / self.hands.clamp(min=1)
         # no matched hand: no error to report (NaN, shown as "–"), not a perfect 0
         matched = self.matched_keypoints.double()
-        out["hand_mke"] = self.error_rel / matched if matched > 0 else torch.tensor(float("nan"))
-        out["hand_mke_px"] = self.error_px / matched if matched > 0 else torch.tensor(float("nan"))
+        nan = torch.tensor(float("nan"))
+        out["hand_mpjpe"] = self.error_rel / matched if matched > 0 else nan
+        out["hand_mpjpe_px"] = self.error_px / matched if matched > 0 else nan
+        out["hand_confidence"] = self.confidence / self.matched if self.matched > 0 else nan
         return {k: v.double() for k, v in out.items()}
 
     def reset(self) -> None:

@@ -35,8 +35,8 @@ def test_pck_and_detection_rate_by_hand():
     assert out["pck@0.2"].item() == pytest.approx((21 - 3) / 42)
     assert out["detection_rate"].item() == pytest.approx(0.5)
     # mean error over the matched hand's 21 keypoints: (7 x 15 + 3 x 25) / 21 px, size 100 px
-    assert out["hand_mke_px"].item() == pytest.approx(180 / 21)
-    assert out["hand_mke"].item() == pytest.approx(180 / 21 / 100)
+    assert out["hand_mpjpe_px"].item() == pytest.approx(180 / 21)
+    assert out["hand_mpjpe"].item() == pytest.approx(180 / 21 / 100)
     # OKS with WholeBody hand sigmas and the hand's own 100 x 100 box is 0.551 (11 exact
     # keypoints, 7 off by 15 px, 3 by 25): a match at thresholds 0.50 and 0.55 only, each with
     # precision 1 up to recall 0.5, i.e. 51 of COCO's 101 recall points; AP = 2/10 of that
@@ -63,7 +63,8 @@ def test_no_matched_hand_has_no_error():
         [{"keypoints": _hand()[None]}],
     )
     out = metric.compute()
-    assert torch.isnan(out["hand_mke"]) and out["detection_rate"] == 0
+    assert torch.isnan(out["hand_mpjpe"]) and out["detection_rate"] == 0
+    assert torch.isnan(out["hand_confidence"])
 
 
 def test_matching_is_one_to_one_and_nearest():
@@ -82,6 +83,29 @@ def test_matching_is_one_to_one_and_nearest():
         [{"keypoints": a[None], "scores": torch.ones(1)}], [{"keypoints": torch.stack([a, b])}]
     )
     assert metric.compute()["detection_rate"].item() == 0.5
+
+
+def test_confidence_is_averaged_over_detected_hands_only():
+    a, b, c = _hand(), _hand(offset=(200, 0)), _hand(offset=(0, 200))
+    metric = HandPoseAccuracy()
+    # three given hands, two found with scores 0.9 and 0.6, and a stray detection (0.2)
+    metric.update(
+        [{"keypoints": torch.stack([b, a, _hand(offset=(900, 900))]),
+          "scores": torch.tensor([0.6, 0.9, 0.2])}],
+        [{"keypoints": torch.stack([a, b, c])}],
+    )  # fmt: skip
+    out = metric.compute()
+    assert out["detection_rate"].item() == pytest.approx(2 / 3)
+    assert out["hand_confidence"].item() == pytest.approx((0.9 + 0.6) / 2)
+    # missing the 0.6 hand raises the confidence while the detection rate falls
+    metric.reset()
+    metric.update(
+        [{"keypoints": a[None], "scores": torch.tensor([0.9])}],
+        [{"keypoints": torch.stack([a, b, c])}],
+    )
+    out = metric.compute()
+    assert out["hand_confidence"].item() == pytest.approx(0.9)
+    assert out["detection_rate"].item() == pytest.approx(1 / 3)
 
 
 def test_inference_timer_median_p90_and_warmup():

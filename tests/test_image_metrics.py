@@ -10,6 +10,7 @@ import torch
 
 from metrics.clip_sim import CLIPSim
 from metrics.fid_kid import FID, KID, CategoryFIDKID, InceptionFeatures, find_inception_weights
+from metrics.hand_fid import HandFIDKID, crop_hands, hand_boxes
 from metrics.random_nets import tiny_clip
 
 
@@ -161,3 +162,50 @@ def test_category_fid_kid_is_the_per_category_score_and_its_mean():
     assert out["fid"]["cartoon"] > 2 * out["fid"]["dance"]
     assert out["fid_category_mean"] == pytest.approx(sum(out["fid"].values()) / 2)
     assert out["kid_category_mean"] == pytest.approx(sum(out["kid"].values()) / 2)
+
+
+# --- FID-H / KID-H ---------------------------------------------------------------------------
+
+
+def _square_hand(x0: float, y0: float, w: float, h: float) -> torch.Tensor:
+    """21 labelled keypoints spanning the box (x0, y0, w, h)."""
+    t = torch.linspace(0, 1, 21)
+    return torch.stack([x0 + w * t, y0 + h * t.flip(0), torch.full((21,), 2.0)], -1)
+
+
+def test_hand_crop_is_the_padded_square_around_the_keypoints():
+    hand = _square_hand(150, 125, 100, 50)  # box centre (200, 150), longer side 100
+    (box,) = hand_boxes(hand[None], padding=0.25)
+    np.testing.assert_allclose(box.numpy(), [125, 75, 275, 225])  # side 150
+    small = _square_hand(10, 10, 12, 8)  # 12 px: under min_size
+    few = hand.clone()
+    few[4:, 2] = 0  # 4 labelled keypoints
+    assert len(hand_boxes(torch.stack([small, few]))) == 0
+
+
+def test_hand_crops_sample_the_box_and_zero_outside_the_image():
+    image = torch.zeros(1, 3, 300, 400)
+    image[:, 0, 75:150, 125:275] = 1.0  # red fills the top half of the hand's crop box
+    (crop,) = crop_hands(image, [_square_hand(150, 125, 100, 50)[None]], size=30)
+    assert crop[0, :14].mean() > 0.95 and crop[0, 16:].max() < 0.05  # top half red, rest not
+    edge = crop_hands(image, [_square_hand(-40, -40, 100, 100)[None]], size=30)  # off the corner
+    assert edge.shape == (1, 3, 30, 30) and edge[0, :, :10, :10].abs().max() == 0
+
+
+def test_hand_fid_is_fid_of_the_crops():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(6, 3, 64, 64, generator=g), torch.rand(6, 3, 64, 64, generator=g) * 0.5
+    hands = [_square_hand(8, 8, 30, 30)[None] for _ in range(6)]
+    metric = HandFIDKID(PoolFeatures(), subsets=3, subset_size=4, min_size=16)
+    metric.update(real, hands, real=True)
+    metric.update(fake, hands, real=False)
+    out = metric.compute()
+    direct = FID(feature_extractor=PoolFeatures())
+    direct.update(crop_hands(real, hands), real=True)
+    direct.update(crop_hands(fake, hands), real=False)
+    assert out["fid_h"].item() == pytest.approx(direct.compute().item(), rel=1e-9)
+    assert out["n_hand_crops_real"] == 6 and out["n_hand_crops_generated"] == 6
+    assert out["kid_h_mean"] > 0 and out["fid_h"] > 0
+    metric.reset()
+    metric.update(real, [torch.zeros(0, 21, 3)] * 6, real=True)  # no hand anywhere
+    assert torch.isnan(metric.compute()["fid_h"])
