@@ -13,7 +13,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ test: install ## fast tests (CPU, tiny models, synthetic shards)
 
 test-full: install ## every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
+
+bench-pose: install ## person/hand recall and attribution of the annotator on real photos (SAMPLES=../shared/real_samples)
+	$(PY) -m benchmarks.pose_stack --samples $(or $(SAMPLES),../shared/real_samples) $(ARGS)
 
 tensorboard: install ## serve TensorBoard over logs/
 	$(VENV)/bin/tensorboard --logdir logs --bind_all
