@@ -38,14 +38,14 @@ from scipy.optimize import linear_sum_assignment
 
 from datamodules.convert_interhand import INTERHAND_TO_SCHEMA, project
 from datamodules.converter import read_rgb
-from datamodules.schema import keypoint_extent
+from pose_estimation.attribution import HAND_TO_FOREARM
+from pose_estimation.keypoints import keypoint_extent
 
 COCO_LIMBS = tuple(range(5, 17))  # COCO-17 shoulders .. ankles, left before right
 CROWDPOSE_LIMBS = tuple(range(12))
 MPII_LIMBS = (13, 12, 14, 11, 15, 10, 3, 2, 4, 1, 5, 0)
 # positions in the 12-joint order: elbows, wrists
 ELBOW, WRIST = {"left": 2, "right": 3}, {"left": 4, "right": 5}
-HAND_TO_FOREARM = 0.75
 
 
 @dataclass
@@ -208,7 +208,7 @@ def detected_hands(people: list[dict]) -> list[tuple[np.ndarray, int, str, bool]
 
 def score_photo(photo: Photo, people: list[dict], min_hand_px: float) -> dict[str, float]:
     counts = dict.fromkeys(
-        ("people", "people_found", "hands", "hands_found", "attributed", "right", "wrong_person",
+        ("people", "people_found", "hands", "hands_found", "right", "wrong_person",
          "wrong_side", "hand_only", "keypoints", "keypoints_correct"), 0
     )  # fmt: skip
     matched = match_people(photo.people, people)
@@ -224,7 +224,6 @@ def score_photo(photo: Photo, people: list[dict], min_hand_px: float) -> dict[st
                 continue
             hand, person, side = truth[t], found[f][1], found[f][2]
             counts["hands_found"] += 1
-            counts["attributed"] += 1
             if found[f][3] and hand.person is not None:
                 counts["hand_only"] += 1
             elif hand.person is not None and not _owner_is(hand, people[person], side, matched,
@@ -251,7 +250,7 @@ def summary(counts: dict[str, int]) -> dict[str, float]:
     return {
         "person_recall": ratio("people_found", "people"),
         "hand_recall": ratio("hands_found", "hands"),
-        "attribution_right": ratio("right", "attributed"),
+        "attribution_right": ratio("right", "hands_found"),
         "wrong_person": counts["wrong_person"],
         "wrong_side": counts["wrong_side"],
         "hand_only": counts["hand_only"],

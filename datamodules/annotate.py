@@ -11,7 +11,7 @@ detected person as hand-only entries (body all unlabelled), a hand mask (each ha
 hull, dilated, intersected with MediaPipe's selfie-segmentation mask of people), and the
 caption from a sidecar ``<name>.txt`` (else ``--default-caption``). Images that cannot be read
 or show neither a person nor a hand are dropped and counted. ``source.estimator`` records the
-estimator.
+estimator's settings (backend, model files, input size).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtmlib-det", help="local YOLOX .onnx (top-down models)")
     parser.add_argument("--rtmlib-model", choices=("rtmpose", "rtmo"), default="rtmpose")
     parser.add_argument(
-        "--rtmlib-input-size", type=int, nargs=2, default=(288, 384), metavar=("W", "H"),
-        help="the pose model's input (RTMW/DWPose: 288 384; RTMO: 640 640)",
+        "--rtmlib-input-size", type=int, nargs=2, default=None, metavar=("A", "B"),
+        help="the pose model's input in rtmlib's order: RTMPose/RTMW/DWPose width height "
+        "(default 288 384), RTMO height width (default 640 640)",
     )  # fmt: skip
 
 
@@ -59,7 +60,9 @@ def estimator_settings(args: argparse.Namespace) -> dict:
         "pose": args.rtmlib_pose,
         "det": args.rtmlib_det,
         "model": args.rtmlib_model,
-        "pose_input_size": tuple(args.rtmlib_input_size),
+        "pose_input_size": tuple(
+            args.rtmlib_input_size or ((640, 640) if args.rtmlib_model == "rtmo" else (288, 384))
+        ),
     }
 
 
@@ -111,12 +114,11 @@ def schema_people(people: list[dict], width: int, height: int) -> list[dict]:
 def people_with_hands(
     pixels: np.ndarray, bodies: list[np.ndarray], settings: dict = MEDIAPIPE
 ) -> list[dict]:
-    """Schema people for a dataset's labelled COCO-17 ``bodies`` ``[17, 3]``, with the hands
-    the estimator finds attributed to them (hands that fit none are left out)."""
+    """Schema people for a dataset's labelled COCO-17 ``bodies`` ``[17, 3]`` (in that order),
+    with the hands the estimator finds attributed to them, then the hands that fit none as
+    hand-only entries (no body keypoints: pose metrics skip them)."""
     height, width = pixels.shape[:2]
-    hands = people_estimator(settings).hands_on(pixels, bodies)
-    people = [{"body": body, **found} for body, found in zip(bodies, hands, strict=True)]
-    return schema_people(people, width, height)
+    return schema_people(people_estimator(settings).hands_on(pixels, bodies), width, height)
 
 
 def annotate_image(pixels: np.ndarray, settings: dict = MEDIAPIPE, hand_dilation: int = 4) -> dict:
@@ -151,7 +153,7 @@ def image_sample(
         "width": width,
         "height": height,
         "caption": caption,
-        "source": {"dataset": "annotate", "id": path.name, "estimator": settings["backend"]},
+        "source": {"dataset": "annotate", "id": path.name, "estimator": settings},
         "people": annotation["people"],
     }
     return {

@@ -11,13 +11,13 @@ Each annotation file maps an image id (file name without extension) to ``bboxes`
 ``[x, y, w, h]``), ``labels`` (gesture per box, ``no_gesture`` for a free hand), ``user_id``
 and, in v1, ``leading_hand`` (``left``/``right``: the gesture hand); v2 adds ``hand_landmarks``
 (per box, 21 normalised ``[x, y]`` or an empty list). Boxes without landmarks get MediaPipe's
-(run on the box's neighbourhood), flagged in ``source.landmarks_from``. The body is the person
-the offline people estimator (:class:`pose_estimation.MediaPipePeople`) finds whom the hands
-are attributed to (``source.body_from``). Handedness: v1's ``leading_hand`` for gesture boxes
-(the other side for ``no_gesture`` boxes), else the side of the body wrist the hand is
-attributed to, else MediaPipe's handedness (its labels assume mirrored images, so they are
-swapped for photos). Caption:
-"a person showing a <gesture> gesture".
+(the hand nearest the box's centre in a crop twice its size), flagged in
+``source.landmarks_from``. The body is the person the offline people estimator
+(:class:`pose_estimation.MediaPipePeople`) finds whom most of the hands are attributed to, and
+unlabelled when they fit nobody (``source.body_from``). Handedness: v1's ``leading_hand`` for
+gesture boxes (the other side for ``no_gesture`` boxes), else the side of the body wrist the
+hand is attributed to, else MediaPipe's handedness (its labels assume mirrored images, so they
+are swapped for photos). Caption: "a person showing a <gesture> gesture".
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from datamodules.converter import (
     unlabel_off_image,
 )
 from pose_estimation.attribution import attribute_hands
-from pose_estimation.mediapipe_hands import Hand
-from pose_estimation.mediapipe_tflite import Roi
 
 
 @dataclass
@@ -59,25 +57,15 @@ def caption_for(labels: list[str]) -> str:
     return f"a person showing a {gestures[0].replace('_', ' ')} gesture"
 
 
-def _hand_in_box(pixels: np.ndarray, box: list[float]) -> Hand | None:
-    """The best-scored hand MediaPipe finds in (an enlarged) normalised ``box`` of the image,
-    in image pixels; None when there is none."""
-    height, width = pixels.shape[:2]
-    x, y, w, h = box[0] * width, box[1] * height, box[2] * width, box[3] * height
-    roi = Roi(np.array([x + w / 2, y + h / 2]), 2 * max(w, h, 1.0), 0.0)
-    found = people_estimator().hands.in_rois(pixels, [roi])
-    return max(found, key=lambda hand: hand.score) if found else None
-
-
-def _owner(people: list[dict], hands: list[np.ndarray]) -> tuple[np.ndarray, dict[int, str]]:
-    """The detected body the annotated ``hands`` belong to (the one that most of them are
-    attributed to; else the best-scored person; else unlabelled) and each hand's side on it."""
-    bodies = [np.asarray(p["body"]) for p in people if (np.asarray(p["body"])[:, 2] > 0).any()]
-    if not bodies:
-        return np.zeros((17, 3)), {}
+def _owner(bodies: list[np.ndarray], hands: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+    """The detected body the annotated ``hands`` belong to (the one most of them are attributed
+    to) and each hand's side on it; unlabelled when no hand fits any body (HaGRID photos show
+    bystanders too: a body is only taken when the hands say whose it is)."""
     owners = attribute_hands(bodies, hands)
     votes = Counter(n for n, _ in owners.values())
-    best = votes.most_common(1)[0][0] if votes else 0
+    if not votes:
+        return np.zeros((17, 3)), {}
+    best = votes.most_common(1)[0][0]
     return bodies[best], {h: side for h, (n, side) in owners.items() if n == best}
 
 
@@ -101,14 +89,16 @@ def hagrid_sample(item: HagridItem) -> dict | Drop:
             found.append((label, kp, None))
             landmarks_from.append("annotation")
             continue
-        hand = _hand_in_box(pixels, box)
+        hand = people_estimator().hands_in_box(
+            pixels, [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+        )
         landmarks_from.append("none" if hand is None else "mediapipe")
         if hand is not None:
             found.append((label, hand.keypoints, hand.side))
     if not found:
         return Drop("no_hand_landmarks")
-    people = people_estimator().people(pixels)
-    body, body_sides = _owner(people, [kp for _, kp, _ in found])
+    bodies = [np.asarray(p["body"]) for p in people_estimator().bodies(pixels)]
+    body, body_sides = _owner(bodies, [kp for _, kp, _ in found])
     leading = ann.get("leading_hand")
     hands: dict[str, np.ndarray] = {}
     for n, (label, kp, mp_side) in enumerate(found):

@@ -7,8 +7,10 @@ Expected layout (https://github.com/IDEA-Research/HumanArt): a COCO-style keypoi
 scene ``category``; ``annotations`` with 17 COCO keypoints per person) and the images under
 ``HUMANART_ROOT/<file_name>``. Caption: the description, else "a <category> image of people".
 Hands come from the offline people estimator (:class:`pose_estimation.MediaPipePeople`: whole
-image and crops around each labelled wrist), attributed to the labelled people by wrist and
-forearm; hands that fit no labelled person are left out. Persons without a labelled keypoint
+image and crops around each labelled wrist; ``--rtmlib-pose`` for rtmlib), attributed to the
+labelled people by wrist and forearm; hands that fit no labelled person are kept as hand-only
+entries (no body keypoints, so pose metrics skip them); ``source.hands_from`` records the
+estimator. Persons without a labelled keypoint
 are left out.
 """
 
@@ -18,11 +20,17 @@ import argparse
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.annotate import people_with_hands
+from datamodules.annotate import (
+    MEDIAPIPE,
+    add_estimator_arguments,
+    estimator_settings,
+    people_with_hands,
+)
 from datamodules.converter import (
     Drop,
     add_engine_arguments,
@@ -42,7 +50,7 @@ class HumanArtItem:
     keypoints: list[list[float]]
 
 
-def humanart_sample(item: HumanArtItem) -> dict | Drop:
+def humanart_sample(item: HumanArtItem, settings: dict = MEDIAPIPE) -> dict | Drop:
     pixels = read_rgb(item.image_path)
     if isinstance(pixels, Drop):
         return pixels
@@ -59,9 +67,9 @@ def humanart_sample(item: HumanArtItem) -> dict | Drop:
             "dataset": "human-art",
             "id": item.key,
             "category": item.category,
-            "hands_from": "mediapipe",
+            "hands_from": settings,
         },
-        "people": people_with_hands(pixels, bodies),
+        "people": people_with_hands(pixels, bodies, settings),
     }
     return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
 
@@ -92,12 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--src", required=True, help="root the images' file_name is under")
     parser.add_argument("--annotations", required=True, help="COCO-style keypoint json")
     add_engine_arguments(parser, val_fraction=0.0)
+    add_estimator_arguments(parser)
     args = parser.parse_args(argv)
     items = list_items(Path(args.src), Path(args.annotations))
     return convert_from_args(
         items,
         lambda i: i.key,
-        humanart_sample,
+        partial(humanart_sample, settings=estimator_settings(args)),
         args,
         desc="human-art",
     )

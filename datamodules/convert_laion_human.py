@@ -20,11 +20,17 @@ import argparse
 import json
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.annotate import people_with_hands
+from datamodules.annotate import (
+    MEDIAPIPE,
+    add_estimator_arguments,
+    estimator_settings,
+    people_with_hands,
+)
 from datamodules.converter import (
     Drop,
     add_engine_arguments,
@@ -43,7 +49,7 @@ class LaionItem:
     prompt: str
 
 
-def laion_sample(item: LaionItem) -> dict | Drop:
+def laion_sample(item: LaionItem, settings: dict = MEDIAPIPE) -> dict | Drop:
     pixels = read_rgb(item.image_path)
     if isinstance(pixels, Drop):
         return pixels
@@ -62,8 +68,8 @@ def laion_sample(item: LaionItem) -> dict | Drop:
         "width": width,
         "height": height,
         "caption": item.prompt,
-        "source": {"dataset": "laion-human", "id": item.key, "hands_from": "mediapipe"},
-        "people": people_with_hands(pixels, bodies),
+        "source": {"dataset": "laion-human", "id": item.key, "hands_from": settings},
+        "people": people_with_hands(pixels, bodies, settings),
     }
     return {"__key__": item.key, "jpg": encode_jpeg(pixels), "json": json.dumps(record).encode()}
 
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="allow unpickling the pose .npz files (they run code when loaded)",
     )
     add_engine_arguments(parser)
+    add_estimator_arguments(parser)
     args = parser.parse_args(argv)
     if not args.trust_pickle:
         raise SystemExit(
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     return convert_from_args(
         items,
         lambda i: i.key,
-        laion_sample,
+        partial(laion_sample, settings=estimator_settings(args)),
         args,
         desc="laion-human",
     )

@@ -8,9 +8,10 @@ from dataclasses import replace
 from functools import partial
 
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
-from datamodules.schema import MIN_IMAGE_SIZE, Sample, keypoint_extent, person_area
+from datamodules.schema import MIN_IMAGE_SIZE, Sample, person_area
 from datamodules.shard_datamodule import ExampleFn, ShardDataModule
 from datamodules.shards import Skipped
+from pose_estimation.keypoints import keypoint_extent
 
 
 def hand_examples(

@@ -54,13 +54,6 @@ class Person:
     right_hand: np.ndarray | None = None
 
 
-def keypoint_extent(keypoints: np.ndarray) -> float:
-    """Longest side of the box of the labelled (``v > 0``) keypoints of ``[K, 3]``: a hand's
-    size for cropping, size limits, PCK and relative errors. Needs one labelled keypoint."""
-    points = keypoints[keypoints[:, 2] > 0, :2]
-    return float((points.max(0) - points.min(0)).max())
-
-
 def person_area(person: Person) -> float:
     """Area of the box of a person's labelled keypoints, body and hands: the OKS scale its hands
     are scored with (COCO-WholeBody scores hands with the whole person's area)."""

@@ -16,7 +16,7 @@ from datamodules.canvas import align_hand, paste_hands
 from datamodules.full_body_datamodule import FullBodyConfig
 from datamodules.hand_crops import HandCropConfig, crop_box, hand_condition
 from datamodules.rendering import hull_mask, render_full_skeleton
-from datamodules.schema import Person, keypoint_extent
+from datamodules.schema import Person
 from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.outpainter import Outpainter
@@ -29,6 +29,7 @@ from lightning_modules.predictor import (
 )
 from metrics.hand_pose import keypoint_errors, match_hands
 from pose_estimation import MediaPipePeople, PoseEstimator
+from pose_estimation.keypoints import keypoint_extent
 
 MaskSource = Literal["auto", "predicted", "keypoint_hull"]
 
@@ -86,7 +87,9 @@ def check_hands(detector: PoseEstimator, images: torch.Tensor, plans: list[HandP
     """Stage 1's own accuracy: a hand detector on each generated hand ``[N, 3, r, r]`` in
     [0, 1]; per hand, the mean distance (crop px and as a fraction of the hand's size, the
     longest side of its keypoint box) between the detected keypoints and the conditioning
-    keypoints, over those labelled, and the side the detector sees (its ``"sides"``)."""
+    keypoints, over those labelled, and the side the detector sees (its ``"sides"``). A hand
+    counts as detected as in :class:`~metrics.hand_pose.HandPoseAccuracy`: matched within one
+    hand size (:func:`~metrics.hand_pose.match_hands`)."""
     checks = []
     for plan, found in zip(plans, detector.estimate(images), strict=True):
         given = plan.crop_keypoints

@@ -7,9 +7,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
-from datamodules.schema import keypoint_extent
 from metrics.keypoint_sigmas import HAND_SIGMAS
 from metrics.pose_ap import PoseAP
+from pose_estimation.keypoints import keypoint_extent
 
 PCK_ALPHAS = (0.1, 0.2)
 
@@ -22,18 +22,25 @@ def keypoint_errors(detected: np.ndarray, given: np.ndarray) -> tuple[np.ndarray
     return error, keypoint_extent(given)
 
 
-def match_hands(detected: np.ndarray, given: np.ndarray) -> list[tuple[int, int]]:
-    """One-to-one matching of detected ``[N, 21, 3]`` to given ``[M, 21, 3]`` hands that
-    minimises the total mean distance over each given hand's labelled keypoints (Hungarian)."""
+def match_hands(
+    detected: np.ndarray, given: np.ndarray, gate: float = 1.0
+) -> list[tuple[int, int]]:
+    """One-to-one ``(detected, given)`` pairs of detected ``[N, 21, 3]`` and given ``[M, 21, 3]``
+    hands that minimise the total mean distance over each given hand's labelled keypoints
+    (Hungarian), among pairs whose mean distance is at most ``gate`` x the given hand's size
+    (:func:`keypoint_extent`): a hand found elsewhere in the image is not this hand."""
     if len(detected) == 0 or len(given) == 0:
         return []
-    cost = np.zeros((len(given), len(detected)))
+    cost = np.full((len(given), len(detected)), np.inf)
     for g, hand in enumerate(given):
         labelled = hand[:, 2] > 0
-        d = np.linalg.norm(detected[:, labelled, :2] - hand[None, labelled, :2], axis=-1)
-        cost[g] = d.mean(-1) if labelled.any() else 0.0
-    rows, cols = linear_sum_assignment(cost)
-    return list(zip(cols.tolist(), rows.tolist(), strict=True))
+        if not labelled.any():
+            continue
+        d = np.linalg.norm(detected[:, labelled, :2] - hand[None, labelled, :2], axis=-1).mean(-1)
+        cost[g] = np.where(d <= gate * keypoint_extent(hand), d, np.inf)
+    allowed = np.isfinite(cost)
+    rows, cols = linear_sum_assignment(np.where(allowed, cost, 1e12))
+    return [(int(c), int(r)) for r, c in zip(rows, cols, strict=True) if allowed[r, c]]
 
 
 class HandPoseAccuracy(Metric):
@@ -92,10 +99,8 @@ class HandPoseAccuracy(Metric):
             self.hands += len(given)
             self.keypoints += int((given[:, :, 2] > 0).sum())
             scores = torch.as_tensor(pred["scores"]).double().reshape(-1).cpu().numpy()
-            for d, g in match_hands(detected, given):
+            for d, g in match_hands(detected, given, self.match_gate):
                 error, size = keypoint_errors(detected[d], given[g])
-                if error.mean() > self.match_gate * size:
-                    continue
                 self.matched += 1
                 self.confidence += float(scores[d])
                 self.matched_keypoints += len(error)

@@ -77,7 +77,7 @@ def _starts(length: int, side: int) -> list[int]:
     """Tile origins along one axis: stride ``side / 2``, the last tile flush with the end."""
     if side >= length:
         return [0]
-    starts = list(range(0, length - side, side // 2))
+    starts = list(range(0, length - side, max(1, side // 2)))
     return [*starts, length - side]
 
 
@@ -118,14 +118,14 @@ class BlazePoseDetector:
     def _detect_view(self, view: np.ndarray) -> list[Detection]:
         """Detections in one view, box and keypoints in the view's pixels."""
         size = self.detector.size[0]
-        tensor, pad = letterbox(view, size)
+        tensor, placement = letterbox(view, size)
         raw, logits = self.detector((tensor * 2 - 1)[None])  # the detector takes [-1, 1]
         found = decode_detections(raw[0], logits[0], self.anchors, size, self.min_detection_score)
         scale = np.array(view.shape[1::-1], dtype=np.float64)
         return [
             Detection(
-                unletterbox(d.box.reshape(2, 2), pad).reshape(-1) * np.tile(scale, 2),
-                unletterbox(d.keypoints, pad) * scale,
+                unletterbox(d.box.reshape(2, 2), placement).reshape(-1) * np.tile(scale, 2),
+                unletterbox(d.keypoints, placement) * scale,
                 d.score,
             )
             for d in found

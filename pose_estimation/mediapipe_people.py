@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pose_estimation.attribution import ARM, attribute_hands
+from pose_estimation.attribution import ARM, HAND_TO_FOREARM
 from pose_estimation.blazepose import BlazePoseDetector
-from pose_estimation.mediapipe_hands import Hand, MediaPipeHandFinder, merge_hands, wrist_roi
+from pose_estimation.mediapipe_hands import (
+    PALM_LANDMARKS,
+    Hand,
+    MediaPipeHandFinder,
+    merge_hands,
+    wrist_roi,
+)
 from pose_estimation.mediapipe_tflite import Roi
-from pose_estimation.people import Part, PeopleEstimator, assign_hands, bbox_of
-
-HAND_TO_FOREARM = 0.75  # adult hand length / forearm length
+from pose_estimation.people import Part, PeopleEstimator, assign_hands, new_person, with_boxes
 
 
 class MediaPipePeople(PeopleEstimator):
@@ -96,36 +100,30 @@ class MediaPipePeople(PeopleEstimator):
 
     def hands_on(self, image: np.ndarray, bodies: list[np.ndarray]) -> list[dict]:
         found = self.find_hands(image, bodies)
-        return assign_hands(bodies, [(h.keypoints, h.score) for h in found], self.attribution_gate)
+        return assign_hands(
+            bodies, [(h.keypoints, h.score, h.side) for h in found], self.attribution_gate
+        )
+
+    def bodies(self, image: np.ndarray) -> list[dict]:
+        """Every person's body, no hands (cheaper than :meth:`people`)."""
+        return with_boxes([new_person(p.coco17(), p.score) for p in self.body(image)])
+
+    def hands_in_box(self, image: np.ndarray, box: list[float]) -> Hand | None:
+        """The hand MediaPipe finds in a crop twice the size of ``box`` ``[x, y, w, h]`` (image
+        pixels) whose palm centre is nearest the box's centre; None when there is none."""
+        x, y, w, h = box
+        centre = np.array([x + w / 2, y + h / 2])
+        found = self.hands.in_rois(image, [Roi(centre, 2 * max(w, h, 1.0), 0.0)])
+        if not found:
+            return None
+        palms = [hand.keypoints[list(PALM_LANDMARKS), :2].mean(0) for hand in found]
+        return found[int(np.argmin([np.linalg.norm(p - centre) for p in palms]))]
 
     def people_for_part(self, image: np.ndarray) -> list[dict]:
-        if self.part == "hands":
-            return self.people(image)
-        return [
-            {"body": p.coco17(), "score": p.score, "left_hand": None, "right_hand": None,
-             "left_hand_score": 0.0, "right_hand_score": 0.0, "bbox": bbox_of(p.coco17())}
-            for p in self.body(image)
-        ]  # fmt: skip
+        return self.people(image) if self.part == "hands" else self.bodies(image)
 
     def people(self, image: np.ndarray) -> list[dict]:
         found = self.body(image) if self.detect_bodies else []
-        bodies, scores = [p.coco17() for p in found], [p.score for p in found]
-        hands = self.find_hands(image, bodies)
-        owners = attribute_hands(bodies, [h.keypoints for h in hands], self.attribution_gate)
-        people = [
-            {"body": body, "score": score, "left_hand": None, "right_hand": None,
-             "left_hand_score": 0.0, "right_hand_score": 0.0}
-            for body, score in zip(bodies, scores, strict=True)
-        ]  # fmt: skip
-        for h, hand in enumerate(hands):
-            if h in owners:
-                n, side = owners[h]
-            else:  # a hand-only entry, on MediaPipe's (unmirrored) side
-                n, side = len(people), hand.side
-                people.append({"body": np.zeros((17, 3)), "score": hand.score, "left_hand": None,
-                               "right_hand": None, "left_hand_score": 0.0,
-                               "right_hand_score": 0.0})  # fmt: skip
-            people[n][f"{side}_hand"], people[n][f"{side}_hand_score"] = hand.keypoints, hand.score
-        for person in people:
-            person["bbox"] = bbox_of(person["body"], person["left_hand"], person["right_hand"])
-        return people
+        bodies = [p.coco17() for p in found]
+        hands = [(h.keypoints, h.score, h.side) for h in self.find_hands(image, bodies)]
+        return assign_hands(bodies, hands, self.attribution_gate, [p.score for p in found])

@@ -123,23 +123,23 @@ def weighted_nms(detections: list[Detection], threshold: float = 0.3) -> list[De
 
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``image [H, W, 3]`` uint8 -> ``[size, size, 3]`` float in [0, 1], aspect kept, zero
-    padded on both sides, and ``(pad_x, pad_y)`` as fractions of the input: normalised input
-    coordinates ``u`` map to image coordinates ``(u - pad) / (1 - 2 pad)``."""
+    """``image [H, W, 3]`` uint8 -> ``[size, size, 3]`` float in [0, 1], aspect kept, centred,
+    zero padded, and where the image landed: ``[left, top, width, height]`` as fractions of
+    the input, so that input coordinates ``u`` map to image ones by :func:`unletterbox`."""
     height, width = image.shape[:2]
     scale = size / max(height, width)
-    new_w, new_h = round(width * scale), round(height * scale)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
     out = np.zeros((size, size, 3), np.float32)
     left, top = (size - new_w) // 2, (size - new_h) // 2
-    out[top : top + new_h, left : left + new_w] = resized / 255.0
-    return out, np.array([left / size, top / size])
+    out[top : top + new_h, left : left + new_w] = resized.reshape(new_h, new_w, -1) / 255.0
+    return out, np.array([left, top, new_w, new_h], dtype=np.float64) / size
 
 
-def unletterbox(points: np.ndarray, pad: np.ndarray) -> np.ndarray:
+def unletterbox(points: np.ndarray, placement: np.ndarray) -> np.ndarray:
     """Normalised letterboxed input coordinates ``[..., 2]`` -> normalised image coordinates
-    (MediaPipe's DetectionLetterboxRemovalCalculator, symmetric padding)."""
-    return (points - pad) / (1 - 2 * pad)
+    (MediaPipe's DetectionLetterboxRemovalCalculator), ``placement`` from :func:`letterbox`."""
+    return (points - placement[:2]) / placement[2:]
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pose_estimation.people import Part, PeopleEstimator, bbox_of
+from pose_estimation.people import Part, PeopleEstimator, new_person, with_boxes
 
 
 class MMPoseBottomUp(PeopleEstimator):
@@ -34,12 +34,10 @@ class MMPoseBottomUp(PeopleEstimator):
         instances = sample.pred_instances
         kp = np.asarray(instances.keypoints, dtype=np.float64)
         scores = np.asarray(instances.keypoint_scores, dtype=np.float64)
-        people = []
-        for points, point_scores in zip(kp, scores, strict=True):
-            body = np.concatenate([points, point_scores[:, None]], -1)
-            people.append({
-                "body": body, "score": float(point_scores.mean()), "bbox": bbox_of(body),
-                "left_hand": None, "right_hand": None,
-                "left_hand_score": 0.0, "right_hand_score": 0.0,
-            })  # fmt: skip
-        return people
+        people = [
+            new_person(
+                np.concatenate([points, point_scores[:, None]], -1), float(point_scores.mean())
+            )
+            for points, point_scores in zip(kp, scores, strict=True)
+        ]
+        return with_boxes(people)

@@ -19,6 +19,8 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from pose_estimation.attribution import attribute_hands
+
 Part = Literal["body", "hands"]
 SIDES = ("left", "right")
 
@@ -61,12 +63,11 @@ class PeopleEstimator(ABC):
         return self.people(image)
 
     def hands_on(self, image: np.ndarray, bodies: list[np.ndarray]) -> list[dict]:
-        """Hands for given COCO-17 ``bodies`` ``[17, 3]`` (e.g. a dataset's labelled people):
-        one dict per body with ``left_hand`` / ``right_hand`` (``[21, 3]`` or None) and their
-        scores. Every hand this estimator finds is attributed to the given bodies
-        (:func:`~pose_estimation.attribution.attribute_hands`); the rest are left out."""
+        """People for given COCO-17 ``bodies`` ``[17, 3]`` (e.g. a dataset's labelled people,
+        in that order) with every hand this estimator finds attributed to them
+        (:func:`assign_hands`), then the hands that fit none as hand-only entries."""
         found = [
-            (p[f"{s}_hand"], p[f"{s}_hand_score"])
+            (p[f"{s}_hand"], p[f"{s}_hand_score"], s)
             for p in self.people(image) for s in SIDES if p[f"{s}_hand"] is not None
         ]  # fmt: skip
         return assign_hands(bodies, found)
@@ -94,16 +95,38 @@ class PeopleEstimator(ABC):
         return out
 
 
-def assign_hands(
-    bodies: list[np.ndarray], hands: list[tuple[np.ndarray, float]], gate: float = 0.6
-) -> list[dict]:
-    """``hands`` ``(keypoints [21, 3], score)`` put on the ``bodies`` they are attributed to:
-    one ``{"left_hand", "right_hand", "left_hand_score", "right_hand_score"}`` per body."""
-    from pose_estimation.attribution import attribute_hands
+def new_person(body: np.ndarray | None = None, score: float = 0.0) -> dict:
+    """A person dict with ``body`` ``[17, 3]`` (unlabelled: a hand-only entry) and no hands."""
+    return {
+        "body": np.zeros((17, 3)) if body is None else body, "score": score,
+        "left_hand": None, "right_hand": None, "left_hand_score": 0.0, "right_hand_score": 0.0,
+    }  # fmt: skip
 
-    out = [{"left_hand": None, "right_hand": None, "left_hand_score": 0.0,
-            "right_hand_score": 0.0} for _ in bodies]  # fmt: skip
+
+def with_boxes(people: list[dict]) -> list[dict]:
+    """Set each person's ``bbox`` to the box of their labelled body and hand points."""
+    for person in people:
+        person["bbox"] = bbox_of(person["body"], person["left_hand"], person["right_hand"])
+    return people
+
+
+def assign_hands(
+    bodies: list[np.ndarray],
+    hands: list[tuple[np.ndarray, float, str]],
+    gate: float = 0.6,
+    scores: list[float] | None = None,
+) -> list[dict]:
+    """People for COCO-17 ``bodies`` (person ``scores``) with the ``hands`` ``(keypoints [21, 3],
+    score, side)`` attributed to them (:func:`~pose_estimation.attribution.attribute_hands`,
+    the side being the body's), then one hand-only entry per hand that fits nobody, on that
+    hand's own ``side``; boxes set."""
+    people = [new_person(b, s) for b, s in zip(bodies, scores or [0.0] * len(bodies), strict=True)]
     owners = attribute_hands(bodies, [h[0] for h in hands], gate)
-    for h, (n, side) in owners.items():
-        out[n][f"{side}_hand"], out[n][f"{side}_hand_score"] = hands[h]
-    return out
+    for h, (keypoints, score, side) in enumerate(hands):
+        if h in owners:
+            n, side = owners[h]
+        else:
+            n = len(people)
+            people.append(new_person(score=score))
+        people[n][f"{side}_hand"], people[n][f"{side}_hand_score"] = keypoints, score
+    return with_boxes(people)

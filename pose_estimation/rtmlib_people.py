@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from pose_estimation.people import Part, PeopleEstimator, bbox_of
+from pose_estimation.people import Part, PeopleEstimator, new_person, with_boxes
 
 # COCO-WholeBody (133): body 0-16, feet 17-22, face 23-90, left hand 91-111, right hand
 # 112-132; each hand wrist first, then thumb .. little finger from base to tip (the schema's
@@ -94,15 +94,12 @@ class RTMLibPeople(PeopleEstimator):
         )
         people = []
         for person in points:
-            entry = {"body": person[:17], "score": float(person[:17, 2].mean()),
-                     "left_hand": None, "right_hand": None,
-                     "left_hand_score": 0.0, "right_hand_score": 0.0}  # fmt: skip
+            entry = new_person(person[:17], float(person[:17, 2].mean()))
             if len(person) == 133:
                 for side, index in WHOLEBODY_HANDS.items():
                     hand = person[index]
                     if hand[:, 2].mean() >= self.min_hand_score:
                         entry[f"{side}_hand"] = hand
                         entry[f"{side}_hand_score"] = float(hand[:, 2].mean())
-            entry["bbox"] = bbox_of(entry["body"], entry["left_hand"], entry["right_hand"])
             people.append(entry)
-        return sorted(people, key=lambda p: -p["score"])
+        return with_boxes(sorted(people, key=lambda p: -p["score"]))

@@ -486,7 +486,7 @@ def test_annotator_keeps_every_person_of_a_real_street_photo(tmp_path):
     bodies = [p for p in street.people if (p.body[:, 2] > 0).any()]
     assert len(bodies) >= 2
     assert sum(h is not None for p in bodies for h in (p.left_hand, p.right_hand)) >= 3
-    assert street.source["estimator"] == "mediapipe"
+    assert street.source["estimator"] == {"backend": "mediapipe"}
     signer = samples["panoptic_ex2_2_000040_l"]
     assert any(p.left_hand is not None for p in signer.people)
     assert signer.mask is not None and signer.mask.any()  # her hands, on her

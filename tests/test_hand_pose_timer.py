@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +84,16 @@ def test_matching_is_one_to_one_and_nearest():
         [{"keypoints": a[None], "scores": torch.ones(1)}], [{"keypoints": torch.stack([a, b])}]
     )
     assert metric.compute()["detection_rate"].item() == 0.5
+
+
+def test_hands_too_far_away_are_out_of_the_matching_not_cut_after_it():
+    from metrics.hand_pose import match_hands
+
+    a, b = _hand().numpy(), _hand(offset=(150, 0)).numpy()  # 100 px hands
+    near_b, stray = _hand(offset=(140, 0)).numpy(), _hand(offset=(1000, 0)).numpy()
+    # unrestricted, the least total pairs a with near_b (140 px) and b with the stray
+    # (850 px), and cutting those at one hand size afterwards would leave nothing
+    assert match_hands(np.stack([near_b, stray]), np.stack([a, b])) == [(0, 1)]
 
 
 def test_confidence_is_averaged_over_detected_hands_only():

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> packages it must not import
 FORBIDDEN = {
     "lightning_modules": ("experiments",),
-    "metrics": ("experiments", "lightning_modules"),
+    "metrics": ("experiments", "lightning_modules", "datamodules"),
     "datamodules": ("experiments", "lightning_modules", "metrics"),
     # the estimators the annotator and the metrics share import neither
     "pose_estimation": ("experiments", "lightning_modules", "metrics", "datamodules"),

@@ -15,7 +15,7 @@ import torch
 from datamodules.converter import read_rgb
 from pose_estimation import MediaPipePeople, MMPoseBottomUp
 from pose_estimation.attribution import attribute_hands
-from pose_estimation.blazepose import BLAZEPOSE_TO_COCO, refine_from_heatmap
+from pose_estimation.blazepose import refine_from_heatmap
 from pose_estimation.mediapipe_hands import (
     PALM_LANDMARKS,
     Hand,
@@ -82,11 +82,20 @@ def test_weighted_nms_averages_a_cluster_by_score():
 
 def test_letterbox_round_trip():
     image = np.zeros((100, 200, 3), np.uint8)
-    tensor, pad = letterbox(image, 224)
+    tensor, placement = letterbox(image, 224)
     assert tensor.shape == (224, 224, 3)
-    np.testing.assert_allclose(pad, [0, 56 / 224])
+    np.testing.assert_allclose(placement, [0, 56 / 224, 1, 112 / 224])
     # the image's bottom-right corner sits at the end of its band in the input
-    np.testing.assert_allclose(unletterbox(np.array([1.0, 168 / 224]), pad), [1.0, 1.0])
+    np.testing.assert_allclose(unletterbox(np.array([1.0, 168 / 224]), placement), [1.0, 1.0])
+    # an odd padding (224 - 150 = 74 -> 37 above, 37 below; 427 / 640 * 224 = 149.45 -> 149)
+    tensor, placement = letterbox(np.full((427, 640, 3), 255, np.uint8), 224)
+    rows = np.flatnonzero(tensor[:, 100, 0] > 0)
+    np.testing.assert_allclose(placement[[1, 3]] * 224, [rows[0], len(rows)])
+    np.testing.assert_allclose(
+        unletterbox(np.array([0.5, (rows[-1] + 1) / 224]), placement), [0.5, 1.0]
+    )
+    tiny, _ = letterbox(np.zeros((1, 500, 3), np.uint8), 224)  # a 1-pixel-high strip
+    assert tiny.shape == (224, 224, 3)
 
 
 def test_roi_maps_crop_pixels_to_rotated_image_pixels():
@@ -196,6 +205,18 @@ def test_a_hand_too_big_for_the_forearm_is_not_attributed():
     assert attribute_hands(bodies, [_hand((121, 199), length=40.0)]) == {0: (0, "left")}
 
 
+def test_hagrid_body_is_the_person_the_hands_belong_to():
+    from datamodules.convert_hagrid import _owner
+
+    bystander = _body((120, 200), (120, 260), (80, 200), (80, 260))
+    gesturer = _body((320, 200), (320, 260), (280, 200), (280, 260))
+    hands = [_hand((281, 199)), _hand((321, 201))]
+    body, sides = _owner([bystander, gesturer], hands)
+    assert body is gesturer and sides == {0: "right", 1: "left"}
+    body, sides = _owner([bystander], hands)  # the hands fit nobody found: no body
+    assert not (body[:, 2] > 0).any() and sides == {}
+
+
 # --- real photos ------------------------------------------------------------------------------
 
 
@@ -297,20 +318,36 @@ def test_no_person_gives_an_empty_result():
     assert hands["keypoints"].shape == (0, 21, 3) and hands["sides"] == []
 
 
-def test_hands_part_returns_each_hand_with_score_and_side(people_estimator):
+def test_hands_part_returns_each_hand_with_score_and_side():
     image = read_rgb(PHOTOS / "panoptic_ex2_2_000040_l.jpg")
-    estimator = MediaPipePeople(part="hands")
-    (result,) = estimator.estimate(_tensor(image))
-    people = people_estimator.people(image)
-    stored = [
-        p[f"{s}_hand"] for p in people for s in ("left", "right") if p[f"{s}_hand"] is not None
-    ]
-    assert result["keypoints"].shape == (len(stored), 21, 3) == (len(result["sides"]), 21, 3)
+    (result,) = MediaPipePeople(part="hands").estimate(_tensor(image))
+    assert result["keypoints"].shape == (len(result["sides"]), 21, 3)
     assert ((result["scores"] >= 0.5) & (result["scores"] <= 1)).all()  # palm scores
+    assert "left" in result["sides"]  # her labelled left hand, seen as hers
 
 
-def test_blazepose_mapping_is_a_coco_order():
-    assert len(BLAZEPOSE_TO_COCO) == 17 and len(set(BLAZEPOSE_TO_COCO)) == 17
+def test_hands_alone_are_hand_only_entries_on_the_unmirrored_side(labels):
+    # a hand crop or a hand photo: no body model, every hand its own entry, side from
+    # MediaPipe's handedness swapped for an ordinary photo
+    (hand,) = labels["panoptic_ex2_2_000040_l.jpg"]["hands"]
+    people = MediaPipePeople(detect_bodies=False).people(
+        read_rgb(PHOTOS / "panoptic_ex2_2_000040_l.jpg")
+    )
+    assert people and all(not (p["body"][:, 2] > 0).any() for p in people)
+    assert _hand_on(people, hand["wrist"], hand["size"])[1] == "left"
+
+
+def test_a_hand_near_nobody_is_kept_hand_only_not_glued_to_the_person(monkeypatch):
+    from pose_estimation.blazepose import BlazePosePerson
+
+    # one "person" whose every landmark sits in the corner, far from the signer's hands
+    landmarks = np.tile([[5.0, 5.0, 1.0]], (33, 1))
+    landmarks[12, :2] = [40.0, 5.0]  # shoulders 35 px apart: a reference length exists
+    estimator = MediaPipePeople()
+    monkeypatch.setattr(estimator, "_body", lambda image: [BlazePosePerson(landmarks, 0.9, 0.9)])
+    people = estimator.people(read_rgb(PHOTOS / "panoptic_ex2_2_000040_l.jpg"))
+    assert people[0]["left_hand"] is None and people[0]["right_hand"] is None
+    assert len(people) >= 2 and not (people[1]["body"][:, 2] > 0).any()
 
 
 def test_mmpose_without_compiled_mmcv_explains_itself():

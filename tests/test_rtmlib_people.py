@@ -35,6 +35,40 @@ def constant_model(path, input_shape: tuple[int, ...], outputs: dict[str, np.nda
     return str(path)
 
 
+def blue_detector(path, box: np.ndarray) -> str:
+    """A YOLOX-shaped ONNX detector (``dets [1, 1, 5]``, ``labels [1, 1]``) that reports
+    ``box`` with a score of the mean of input channel 0 / 255: high for a blue image fed as
+    BGR, low for a red one (and for blue fed as RGB)."""
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["means"], axes=[2, 3], keepdims=0),
+        helper.make_node("Slice", ["means", "start", "end", "axis"], ["first"]),
+        helper.make_node("Div", ["first", "scale"], ["score"]),
+        helper.make_node("Reshape", ["score", "shape"], ["score3"]),
+        helper.make_node("Concat", ["box", "score3"], ["dets"], axis=2),
+        helper.make_node("Mul", ["score", "zero"], ["labels"]),
+    ]
+    constants = {"start": np.array([0]), "end": np.array([1]), "axis": np.array([1]),
+                 "shape": np.array([1, 1, 1])}  # fmt: skip
+    initializers = [numpy_helper.from_array(v.astype(np.int64), k) for k, v in constants.items()]
+    initializers += [
+        numpy_helper.from_array(np.array(255.0, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(box.astype(np.float32).reshape(1, 1, 4), "box"),
+    ]
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, (1, 3, 640, 640))
+    graph = helper.make_graph(
+        nodes, "blue", [image],
+        [helper.make_tensor_value_info("dets", TensorProto.FLOAT, (1, 1, 5)),
+         helper.make_tensor_value_info("labels", TensorProto.FLOAT, (1, 1))],
+        initializers,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def simcc(rng, bins: np.ndarray, width: int) -> np.ndarray:
     """``[1, K, width]`` random responses below 0.5 with a 0.9 peak at each keypoint's bin."""
     out = rng.uniform(0, 0.5, (1, len(bins), width))
@@ -86,7 +120,7 @@ def test_hands_below_the_score_threshold_are_left_out(tmp_path, image):
         {"dets": np.array([[[40.0, 40.0, 200.0, 300.0, 0.9]]]), "labels": np.zeros((1, 1))},
     )  # fmt: skip
     x, y = simcc(rng, rng.integers(0, 384, 133), 384), simcc(rng, rng.integers(0, 512, 133), 512)
-    x[0, 112:133] *= 0.2  # the right hand's keypoints score (0.18 + 0.9) / 2 = 0.54 at most
+    x[0, 112:133] *= 0.2  # the right hand's keypoints score (0.18 + 0.18) / 2 = 0.18
     y[0, 112:133] *= 0.2
     pose = constant_model(tmp_path / "rtmw.onnx", (1, 3, 256, 192), {"simcc_x": x, "simcc_y": y})
     (person,) = RTMLibPeople(pose, det, pose_input_size=(192, 256), min_hand_score=0.5).people(
@@ -112,21 +146,42 @@ def test_no_detection_means_no_person_not_the_whole_image(tmp_path, image):
     assert RTMLibPeople(pose, det, pose_input_size=(192, 256)).people(image) == []
 
 
+def test_images_reach_the_models_as_bgr(tmp_path):
+    # rtmlib's models take cv2's BGR frames; handdiff's images are RGB
+    rng = np.random.default_rng(4)
+    det = blue_detector(tmp_path / "yolox.onnx", np.array([40.0, 40.0, 200.0, 300.0]))
+    pose = constant_model(
+        tmp_path / "rtmpose.onnx", (1, 3, 256, 192),
+        {"simcc_x": simcc(rng, np.arange(17), 384), "simcc_y": simcc(rng, np.arange(17), 512)},
+    )  # fmt: skip
+    estimator = RTMLibPeople(pose, det, pose_input_size=(192, 256))
+    blue, red = np.zeros((300, 480, 3), np.uint8), np.zeros((300, 480, 3), np.uint8)
+    blue[..., 2], red[..., 0] = 255, 255  # RGB
+    # channel 0 seen by the detector: blue as BGR -> (255 x 400 + 114 x 240) / 640 = 0.79 of
+    # 255 (the letterbox pads with 114), above YOLOX's 0.3; red -> 114 x 240 / 640 = 0.17
+    assert len(estimator.people(blue)) == 1
+    assert estimator.people(red) == []
+
+
 def test_one_stage_rtmo_keypoints_are_unletterboxed(tmp_path, image):
     rng = np.random.default_rng(3)
-    ratio = 640 / 480
+    # a wide input, (height, width) = (320, 640) in rtmlib's RTMO order: the 300 x 480 image is
+    # scaled by min(320 / 300, 640 / 480) = 16 / 15 (swapping the order would give 2 / 3)
+    ratio = 16 / 15
     keypoints = np.concatenate(
-        [rng.uniform(0, 400, (3, 17, 2)), np.full((3, 17, 1), 0.8)], -1
-    )  # in the 640 px input
-    dets = np.array([[10, 10, 200, 300, 0.9], [300, 20, 420, 380, 0.85], [0, 0, 50, 50, 0.2]])
+        [rng.uniform(0, 300, (3, 17, 2)), np.full((3, 17, 1), 0.8)], -1
+    )  # in the input's pixels
+    dets = np.array([[10, 10, 200, 300, 0.9], [300, 20, 420, 310, 0.85], [0, 0, 50, 50, 0.2]])
     rtmo = constant_model(
-        tmp_path / "rtmo.onnx", (1, 3, 640, 640),
+        tmp_path / "rtmo.onnx", (1, 3, 320, 640),
         {"dets": dets[None], "keypoints": keypoints[None]},
     )  # fmt: skip
-    people = RTMLibPeople(rtmo, model="rtmo", pose_input_size=(640, 640)).people(image)
+    people = RTMLibPeople(rtmo, model="rtmo", pose_input_size=(320, 640)).people(image)
     assert len(people) == 2  # the 0.2 detection is under RTMO's score threshold
-    found = sorted(p["body"][0, 0] for p in people)
-    np.testing.assert_allclose(found, sorted(keypoints[:2, 0, 0] / ratio), atol=1e-3)
+    by_score = sorted(people, key=lambda p: p["body"][0, 0])
+    expected = sorted(keypoints[:2], key=lambda k: k[0, 0])
+    for person, kp in zip(by_score, expected, strict=True):
+        np.testing.assert_allclose(person["body"][:, :2], kp[:, :2] / ratio, atol=1e-3)
     assert all(p["left_hand"] is None for p in people)  # 17 keypoints: no hands
 
 
