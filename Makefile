@@ -73,8 +73,9 @@ test-full: install ## every test, slow ones included
 bench-pose: install ## person/hand recall and attribution of the annotator on real photos (SAMPLES=../shared/real_samples)
 	$(PY) -m benchmarks.pose_stack --samples $(or $(SAMPLES),../shared/real_samples) $(ARGS)
 
-tensorboard: install ## serve TensorBoard over logs/
-	$(VENV)/bin/tensorboard --logdir logs --bind_all
+TB_HOST ?= 127.0.0.1
+tensorboard: install ## serve TensorBoard over logs/ on this machine (TB_HOST=0.0.0.0 to share it on the network)
+	$(VENV)/bin/tensorboard --logdir logs --host $(TB_HOST)
 
 lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -34,6 +34,7 @@ from datamodules.converter import (
 )
 from datamodules.rendering import hull_mask
 from pose_estimation import MediaPipePeople, PeopleEstimator, RTMLibPeople
+from pose_estimation.native_logs import start_up_notices_hidden
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MEDIAPIPE = {"backend": "mediapipe"}
@@ -82,9 +83,10 @@ def person_segmentation(pixels: np.ndarray) -> np.ndarray:
     if "segmentation" not in MODELS_BY_PROCESS:
         import mediapipe as mp
 
-        MODELS_BY_PROCESS["segmentation"] = mp.solutions.selfie_segmentation.SelfieSegmentation(
-            model_selection=0
-        )
+        with start_up_notices_hidden():  # the graph prints them on its first image
+            graph = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            MODELS_BY_PROCESS["segmentation"] = graph
+            return graph.process(pixels).segmentation_mask > 0.5
     return MODELS_BY_PROCESS["segmentation"].process(pixels).segmentation_mask > 0.5
 
 

@@ -32,15 +32,18 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
 from datamodules.evaluation_datamodule import EvaluationDataModule, read_resized, select_subset
@@ -50,11 +53,12 @@ from datamodules.shards import SkipCounter, expand_shards, validated_samples
 from experiments.checkpoints import find_last_checkpoint
 from experiments.config import EVALUATION, ConfigError, flatten, import_target, instantiate
 from experiments.config import load_config as _load_config
+from experiments.notices import configure_logging
+from experiments.run import limit_threads, make
 from experiments.run import main as run_main
-from experiments.run import make
 from metrics.evaluation import COLUMNS, markdown_table
 
-log = logging.getLogger("handdiff")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -167,10 +171,11 @@ def check_generation(
     overrides: Sequence[str],
     regenerate: bool,
     seed: int = 0,
-) -> None:
+) -> dict[str, dict]:
     """Keep ``images/generation.json``: the method's settings, the sampling seed and the
     digests of its checkpoints. Images made with other ones, or with no record at all, are
-    refused (or, with ``regenerate``, deleted) instead of being scored under new settings."""
+    refused (or, with ``regenerate``, deleted) instead of being scored under new settings.
+    Prints and returns the checkpoints (path, digest) the method loads."""
     record = {
         "method": node,
         "seed": seed,
@@ -179,6 +184,13 @@ def check_generation(
             for key, path in checkpoint_files(node, overrides).items()
         },
     }
+    if rank_zero_only.rank == 0:
+        for key, found in record["checkpoints"].items():
+            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(found["path"])))
+            print(
+                f"{method}: {key} = {found['path']} (saved {saved}, digest "
+                f"{found['digest'][:12]}; pin with methods.{method}.params.{key}=PATH)"
+            )
     file = images / "generation.json"
     if not file.is_file() and any(images.glob("*.png")):
         saved = {"images": "made before generation records were kept"}
@@ -203,6 +215,7 @@ def check_generation(
         tmp = file.with_name(f".{file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, file)  # whole for ranks that read it at the same time
+    return record["checkpoints"]
 
 
 def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
@@ -230,14 +243,16 @@ def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
 
 def evaluate_method(
     method: str, node: dict, container: dict, eval_set: EvalSet, keys: list[str], out: Path
-) -> tuple[dict[str, float], bool, dict[str, str]]:
+) -> tuple[dict[str, float], bool, dict[str, str], dict[str, dict]]:
     """Generate the subset with one method (resumable), then score it; returns its row,
-    whether it generates whole images (not hand crops) and the predictor's settings that the
-    table must show (e.g. where the two-stage hand masks came from)."""
+    whether it generates whole images (not hand crops), the predictor's settings that the
+    table must show (e.g. where the two-stage hand masks came from) and its checkpoints."""
     images = out / method / "images"
     overrides = container.get("train_overrides") or []
     seed = container.get("seed", 0)
-    check_generation(method, node, images, overrides, eval_set.regenerate_changed, seed)
+    checkpoints = check_generation(
+        method, node, images, overrides, eval_set.regenerate_changed, seed
+    )
     predictor = make(node, out_dir=str(images), seed=container.get("seed", 0))
     predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
@@ -274,7 +289,7 @@ def evaluate_method(
             flatten({"method": method, **node}),
             {f"hparams/{k}": v for k, v in row.items() if k in table_keys},
         )
-    return row, "hand_crops" not in scoring_data, settings
+    return row, "hand_crops" not in scoring_data, settings, checkpoints
 
 
 def _logger(container: dict, version: str) -> TensorBoardLogger | None:
@@ -309,7 +324,24 @@ def comparison_grid(
         tiles += [torch.from_numpy(t.copy()).permute(2, 0, 1).float() / 255 for t in row]
     if not tiles:
         return None
-    return make_grid(tiles, nrow=2 + len(methods), padding=2, pad_value=1.0)
+    grid = make_grid(tiles, nrow=2 + len(methods), padding=2, pad_value=1.0)
+    return with_column_labels(grid, ["skeleton", "real", *methods], res, padding=2)
+
+
+def with_column_labels(
+    grid: torch.Tensor, labels: list[str], tile: int, padding: int, height: int = 16
+) -> torch.Tensor:
+    """``grid`` ``[3, H, W]`` with a white strip on top naming each column (black text at
+    each column's left edge, cut to the column's width)."""
+    strip = Image.new("RGB", (grid.shape[-1], height), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default()
+    for n, label in enumerate(labels):
+        while label and draw.textlength(label, font=font) > tile:
+            label = label[:-1]
+        draw.text((padding + n * (tile + padding) + 2, 2), label, fill="black", font=font)
+    header = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
+    return torch.cat([header, grid], 1)
 
 
 def write_tables(
@@ -344,10 +376,10 @@ def evaluate(container: dict) -> dict[str, dict]:
     L.seed_everything(container.get("seed", 0), workers=True)
     ensure_trained(methods, container.get("train_overrides") or [])
     keys = subset_keys(eval_set, out)
-    rows, whole_images, settings = {}, [], {}
+    rows, whole_images, settings, checkpoints = {}, [], {}, {}
     for method, node in methods.items():
         log.info("evaluating %s on %d poses", method, len(keys))
-        rows[method], whole, settings[method] = evaluate_method(
+        rows[method], whole, settings[method], checkpoints[method] = evaluate_method(
             method, node, container, eval_set, keys, out
         )
         if whole:
@@ -357,7 +389,7 @@ def evaluate(container: dict) -> dict[str, dict]:
         world = torch.distributed.get_world_size() if dist else 1
         extra = {"eval_set": dataclasses.asdict(eval_set), "subset_size": len(keys),
                  "seed": container.get("seed", 0), "world_size": world,
-                 "methods_config": methods}  # fmt: skip
+                 "methods_config": methods, "checkpoints": checkpoints}  # fmt: skip
         write_tables(name, rows, out, extra, settings)
         grid = comparison_grid(eval_set, keys, out, whole_images)
         if grid is not None:
@@ -368,16 +400,21 @@ def evaluate(container: dict) -> dict[str, dict]:
                 logger.experiment.add_image(f"comparison/{columns}", grid, 0)
                 logger.finalize("success")
         print((out / "results.md").read_text())
+        print(f"results: {out}/ (results.md, results.csv, results.json, comparison.png, "
+              "<method>/images/)")  # fmt: skip
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
+    limit_threads()
     files = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
     if not files:
-        raise SystemExit("usage: python -m experiments.evaluate CONFIG.yaml [key=value ...]")
+        raise SystemExit(
+            "usage: .venv/bin/python -m experiments.evaluate CONFIG.yaml [key=value ...]"
+        )
     try:
         container = load_config(files, overrides)
         return evaluate(container)

@@ -16,11 +16,17 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 
+import cv2
 import lightning as L
+import torch
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
+from torch.utils.tensorboard.summary import hparams
 
 from experiments.checkpoints import AtomicCheckpointIO, find_last_checkpoint, read_checkpoint
 from experiments.config import (
@@ -31,8 +37,9 @@ from experiments.config import (
     instantiate,
     load_config,
 )
+from experiments.notices import configure_logging
 
-log = logging.getLogger("handdiff")
+log = logging.getLogger(__name__)
 
 
 def make(node: dict, **extra):
@@ -97,8 +104,28 @@ def build(cfg, provenance: Provenance):
     plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=plugins)
     if trainer.logger is not None:
-        trainer.logger.log_hyperparams(flatten(container))
+        log_hparams(trainer.logger, flatten(container), resumed=ckpt_path is not None)
     return model, datamodule, trainer, ckpt_path
+
+
+# the metrics TensorBoard's HPARAMS tab shows beside each run's settings
+HPARAM_METRICS = ("train/loss", "val/loss")
+
+
+def log_hparams(logger, params: dict, resumed: bool) -> None:
+    """The run's flattened config to the logger and, for TensorBoard, to its HPARAMS tab
+    (Lightning adds the tab only with metric values, which a run starting has not got: the tab
+    is written with the metric tags alone, read from the scalars as they come). On resume the
+    run's ``hparams.yaml`` is rewritten (Lightning keeps the first one: a new ``max_steps``
+    would not show)."""
+    logger.log_hyperparams(params)
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+    for summary in hparams(plain, dict.fromkeys(HPARAM_METRICS, 0.0)):
+        logger.experiment._get_file_writer().add_summary(summary)
+    if resumed:
+        save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
 
 
 def load_trained(model: L.LightningModule, ckpt_path: str) -> L.LightningModule:
@@ -142,6 +169,20 @@ def export(cfg, model: L.LightningModule, ckpt_path: str | None) -> Path:
     return out
 
 
+def limit_threads() -> int:
+    """Threads per process: ``HANDDIFF_THREADS`` when set, else torch's default (the physical
+    cores) divided among the processes this machine runs (``LOCAL_WORLD_SIZE`` under DDP);
+    OpenCV single-threaded, since its work runs in DataLoader workers that are parallel
+    already (torch sets its own threads to 1 in each worker)."""
+    threads = int(
+        os.environ.get("HANDDIFF_THREADS")
+        or max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    )
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(1)
+    return threads
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.run",
@@ -153,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("args", nargs="+", help="config files and key=value overrides")
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    limit_threads()
+    configure_logging()
     overrides = [a for a in ns.args if "=" in a]
     files = [a for a in ns.args if "=" not in a]
     if not files:
@@ -177,6 +219,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if ns.command == "fit":
+        if (
+            ckpt_path
+            and 0 < trainer.max_steps <= read_checkpoint(ckpt_path, mmap=True)["global_step"]
+        ):
+            step = read_checkpoint(ckpt_path, mmap=True)["global_step"]
+            print(
+                f"{ckpt_path} is at step {step}, which trainer.max_steps={trainer.max_steps} "
+                f"already reaches: nothing to train. To continue, raise it, e.g. "
+                f"trainer.max_steps={2 * step}"
+            )
+            return {}
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     elif ns.command == "eval":
         trainer.test(model, datamodule=datamodule)
@@ -184,7 +237,25 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
     else:
         trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        print("\n".join(output_locations(ns.command, model, trainer)))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def output_locations(command: str, model: L.LightningModule, trainer: L.Trainer) -> list[str]:
+    """Where a finished command wrote what a user looks at next."""
+    lines = []
+    if command == "eval" and "results_dir" in model.hparams:
+        out = Path(model.hparams.results_dir)
+        lines.append(f"results: {out / 'results.md'} and {out / 'results.json'}")
+    if command == "predict" and hasattr(model, "out_dir"):
+        lines.append(f"images: {model.out_dir}/")
+    callback = trainer.checkpoint_callback
+    if command == "fit" and callback is not None and callback.dirpath:
+        lines.append(f"checkpoints: {callback.dirpath}/ (last: {callback.dirpath}/last.ckpt)")
+    if trainer.logger is not None and trainer.log_dir:
+        lines.append(f"TensorBoard logs: {trainer.log_dir}/ (make tensorboard)")
+    return lines
 
 
 if __name__ == "__main__":

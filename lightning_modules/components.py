@@ -8,6 +8,8 @@ run the code a paper-scale run runs; only the sizes differ.
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,9 @@ SD_SCHEDULER = dict(
     prediction_type="epsilon",
     steps_offset=1,
 )
+
+
+HUB_PROBE_SECONDS = 5
 
 
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
@@ -121,13 +126,39 @@ def build_tiny_components(seed: int = 0) -> DiffusionComponents:
     )
 
 
-def _require_folder(path: str, what: str) -> None:
-    """A value that is not an existing folder must look like a hub id (``org/name``)."""
+def resolve_pretrained(path: str, what: str, revision: str | None = None) -> str:
+    """A local folder as given; a hub id (``org/name``) as its local snapshot when it is in
+    the cache, so loading it needs no network; else the id, when the hub answers within
+    seconds. Raises one clear line otherwise: without it, ``from_pretrained`` retries an
+    unreachable hub for minutes and then fails on an empty tokenizer."""
+    from huggingface_hub import constants, is_offline_mode, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if os.path.isdir(os.path.expanduser(path)):
-        return
+        return os.path.expanduser(path)
     parts = path.split("/")
     if path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
         raise FileNotFoundError(f"{what}={path!r}: no such folder (nor a hub id 'org/name')")
+    try:
+        return snapshot_download(path, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    if is_offline_mode():
+        raise FileNotFoundError(
+            f"{what}={path!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "pass a local folder, or download it on a machine with network"
+        )
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except urllib.error.HTTPError:
+        pass  # the hub answered
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"{what}={path!r}: not in the local Hugging Face cache and the hub "
+            f"({constants.ENDPOINT}) is unreachable ({exc}); set HF_HUB_OFFLINE=1 to fail fast, "
+            "or pass a local folder"
+        ) from None
+    return path
 
 
 def load_components(config: ComponentsConfig) -> DiffusionComponents:
@@ -137,9 +168,9 @@ def load_components(config: ComponentsConfig) -> DiffusionComponents:
     else:
         if not config.pretrained:
             raise ValueError("components.pretrained is required unless components.tiny is true")
-        _require_folder(config.pretrained, "components.pretrained")
+        pretrained = resolve_pretrained(config.pretrained, "components.pretrained", config.revision)
         kw = dict(revision=config.revision)
-        tokenizer = CLIPTokenizer.from_pretrained(config.pretrained, subfolder="tokenizer", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)
         # transformers 5 can return an empty tokenizer instead of raising when files are missing.
         if tokenizer.vocab_size < 1000:
             raise FileNotFoundError(
@@ -147,20 +178,19 @@ def load_components(config: ComponentsConfig) -> DiffusionComponents:
             )
         components = DiffusionComponents(
             unet=UNet2DConditionModel.from_pretrained(
-                config.pretrained, subfolder="unet", variant=config.variant, **kw
+                pretrained, subfolder="unet", variant=config.variant, **kw
             ),
             vae=AutoencoderKL.from_pretrained(
-                config.pretrained, subfolder="vae", variant=config.variant, **kw
+                pretrained, subfolder="vae", variant=config.variant, **kw
             ),
             text_encoder=CLIPTextModel.from_pretrained(
-                config.pretrained, subfolder="text_encoder", variant=config.variant, **kw
+                pretrained, subfolder="text_encoder", variant=config.variant, **kw
             ),
             tokenizer=tokenizer,
-            noise_scheduler=DDPMScheduler.from_pretrained(
-                config.pretrained, subfolder="scheduler", **kw
-            ),
+            noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
         )
     if config.unet:
-        _require_folder(config.unet, "components.unet")
-        components.unet = UNet2DConditionModel.from_pretrained(config.unet)
+        components.unet = UNet2DConditionModel.from_pretrained(
+            resolve_pretrained(config.unet, "components.unet")
+        )
     return components

@@ -9,6 +9,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
+from lightning_modules.components import resolve_pretrained
 from lightning_modules.unet_surgery import widen_conv_in
 
 
@@ -96,7 +97,9 @@ class ControlNetPoseConditioning(PoseConditioning):
 
     def attach(self, unet: UNet2DConditionModel) -> None:
         if self.pretrained:
-            self.controlnet = ControlNetModel.from_pretrained(self.pretrained)
+            self.controlnet = ControlNetModel.from_pretrained(
+                resolve_pretrained(self.pretrained, "controlnet pretrained")
+            ).train()  # from_pretrained returns eval mode; a frozen one is set to eval by freeze
         else:
             self.controlnet = ControlNetModel.from_unet(unet)
         if self.in_channels:

@@ -97,6 +97,8 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         self.noise_scheduler = parts.noise_scheduler
+        # from_pretrained returns eval-mode modules, and Lightning keeps submodules' modes
+        self.unet.train()
         for name in self.frozen_modules:
             getattr(self, name).requires_grad_(False).eval()
         if gradient_checkpointing:

@@ -92,12 +92,15 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         """Write the generated images of ``batch`` (the image file last: it marks the key
         done for a resumed run)."""
 
-    def predict_step(self, batch: dict, batch_idx: int) -> None:
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        """Sample and write one batch; returns the keys written (Lightning keeps nothing with
+        ``return_predictions=False``)."""
         if self._first_pose is None:
             self._first_pose = {k: v[:1] for k, v in batch.items()}
         with self.timed(len(batch["key"])):
             outputs = self.sample_batch(batch)
         self.write_outputs(batch, outputs)
+        return list(batch["key"])
 
     def on_predict_end(self) -> None:
         if self.timing_runs > 0 and self._first_pose is not None:

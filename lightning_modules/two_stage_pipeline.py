@@ -349,7 +349,9 @@ class TwoStagePredictor(GenerationPredictor):
         with report_file.open("a") as reports:
             for i, key in enumerate(batch["key"]):
                 save_image(out["skeletons"][i], inside(inter, f"{key}_skeleton.png"))
-                save_image(out["canvases"][i], inside(inter, f"{key}_canvas.png"))
+                # as the outpainter sees it: the pasted hands, grey (0 in [-1, 1]) elsewhere
+                seen = (out["canvases"][i] * 2 - 1) * out["known_masks"][i].to(out["canvases"])
+                save_image((seen + 1) / 2, inside(inter, f"{key}_canvas.png"))
                 hands = [n for n, owner in enumerate(out["hand_owner"]) if owner == i]
                 if hands:
                     pairs = torch.cat(

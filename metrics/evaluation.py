@@ -25,7 +25,7 @@ from metrics.hand_pose import HandPoseAccuracy
 from metrics.pose_ap import GtArea, PoseAP
 
 # (key, higher is better, scale for the table): the table shows AP-like values x 100 and
-# KID x 10, as HumanSD's Table 1 does.
+# KID x 10, as HumanSD's Table 1 does, headed "100·ap", "10·kid_mean".
 COLUMNS = (
     ("fid", False, 1), ("kid_mean", False, 10), ("fid_category_mean", False, 1),
     ("kid_category_mean", False, 10), ("ap", True, 100), ("ap_m", True, 100),
@@ -52,10 +52,11 @@ def format_value(value: float) -> str:
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """Methods x metrics, the direction of each metric in the header."""
+    """Methods x metrics, the direction of each metric in the header; a column headed
+    ``100·ap`` shows 100 times the value ``results.json`` holds for ``ap`` (a footnote says so)."""
     present = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
     header = ["method"] + [
-        f"{key}{' x' + str(scale) if scale != 1 else ''} {'↑' if up else '↓'}"
+        f"{str(scale) + '·' if scale != 1 else ''}{key} {'↑' if up else '↓'}"
         for key, up, scale in present
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -68,6 +69,11 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
             for k, _, s in present
         ]
         lines.append("| " + " | ".join([method, *cells]) + " |")
+    scaled = [f"{s}·{k}" for k, _, s in present if s != 1]
+    if scaled:
+        lines.append(
+            f"\n{', '.join(scaled)}: the value times the factor (results.json holds the values)."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from pose_estimation.mediapipe_tflite import Roi
+from pose_estimation.native_logs import start_up_notices_hidden
 
 PALM_LANDMARKS = (0, 5, 9, 13, 17)  # wrist and finger bases: the palm the detector boxes
 # MediaPipe's handedness label -> the person's side in an ordinary (not mirrored) photo
@@ -120,9 +121,12 @@ class MediaPipeHandFinder:
 
     def __call__(self, image: np.ndarray) -> list[Hand]:
         if self._graph is None:
-            self._graph = self._solution()
+            with start_up_notices_hidden():  # the graph prints them on its first image
+                self._graph = self._solution()
+                result = self._graph.process(np.ascontiguousarray(image))
+        else:
+            result = self._graph.process(np.ascontiguousarray(image))
         h, w = image.shape[:2]
-        result = self._graph.process(np.ascontiguousarray(image))
         landmarks = np.array(
             [[[p.x * w, p.y * h] for p in hand.landmark]
              for hand in result.multi_hand_landmarks or []]

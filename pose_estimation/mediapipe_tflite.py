@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pose_estimation.native_logs import start_up_notices_hidden
+
 
 def bundled_model(name: str) -> Path:
     """Path of a model in the mediapipe wheel, e.g. ``pose_detection/pose_detection.tflite``."""
@@ -34,15 +36,22 @@ class TFLiteModel:
     def __init__(self, path: Path, num_threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        with start_up_notices_hidden():
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.outputs = [o["index"] for o in self.interpreter.get_output_details()]
         self.size = tuple(int(v) for v in self.input["shape"][1:3])  # (H, W)
+        self._started = False
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         self.interpreter.set_tensor(self.input["index"], x.astype(np.float32))
-        self.interpreter.invoke()
+        if self._started:
+            self.interpreter.invoke()
+        else:  # the first run prints the delegate's start-up notices
+            with start_up_notices_hidden():
+                self.interpreter.invoke()
+            self._started = True
         return [self.interpreter.get_tensor(i) for i in self.outputs]
 
 

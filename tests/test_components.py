@@ -90,6 +90,25 @@ def test_from_pretrained_path_loads_a_diffusers_folder(tmp_path):
     assert loaded.noise_scheduler.config.beta_end == 0.012
 
 
+def test_an_uncached_hub_id_fails_in_seconds_with_the_reason(monkeypatch, tmp_path):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache and HF_HUB_"):
+        load_components(ComponentsConfig(pretrained="someone/sd15"))
+    # online mode, hub unreachable (nothing listens on port 9): one line, within seconds
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"the hub \(http://127.0.0.1:9\) is unreachable"):
+        load_components(ComponentsConfig(pretrained="someone/sd15"))
+    assert time.monotonic() - start < 10
+
+
 def test_empty_tokenizer_folder_is_an_error(tmp_path):
     parts = build_tiny_components()
     for name in ("unet", "vae", "text_encoder"):

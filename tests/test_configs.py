@@ -142,3 +142,5 @@ def test_tiny_config_runs_with_fast_dev_run(synthetic_dir, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     metrics = main(["fit", TINY, FAST, *_data(synthetic_dir), "data.params.batch_size=2"])
     assert {"train/loss", "train/loss_denoise", "train/loss_mask", "val/loss"} <= set(metrics)
+    # a smoke test leaves nothing behind: no checkpoint in the working folder, no logs
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()

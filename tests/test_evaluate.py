@@ -99,7 +99,7 @@ def test_every_method_is_generated_scored_and_tabulated(evaluated):
     assert rows["two_stage"]["stage1_hands"] > 0 and "stage1_detection_rate" in rows["two_stage"]
     assert record["method_settings"]["two_stage"] == {"hand_mask": "predicted"}
     table = (out / "results.md").read_text()
-    assert "| fid ↓ |" in table and "ap x100 ↑" in table and "seconds_per_image ↓" in table
+    assert "| fid ↓ |" in table and "100·ap ↑" in table and "seconds_per_image ↓" in table
     lines = table.splitlines()
     assert [line.split(" | ")[0] for line in lines[4:9]] == [f"| {m}" for m in METHODS]
     assert "- two_stage: hand_mask=predicted" in lines
@@ -107,8 +107,14 @@ def test_every_method_is_generated_scored_and_tabulated(evaluated):
         csv_rows = list(csv.DictReader(file))
     assert [r["method"] for r in csv_rows] == list(METHODS)
     assert float(csv_rows[2]["fid"]) == pytest.approx(rows["humansd"]["fid"])
-    # grid: 4 poses x (skeleton, real, 4 whole-image methods) at 128 px with 2 px padding
-    assert Image.open(out / "comparison.png").size == (6 * 130 + 2, 4 * 130 + 2)
+    # grid: 4 poses x (skeleton, real, 4 whole-image methods) at 128 px with 2 px padding,
+    # under a 16 px strip naming the columns
+    grid = np.asarray(Image.open(out / "comparison.png"))
+    assert grid.shape[:2] == (16 + 4 * 130 + 2, 6 * 130 + 2)
+    assert (grid[:16, 2:128] < 128).any()  # text in the first column's label
+    # the checkpoints each method loaded, with their digests (two_stage loads two)
+    assert set(record["checkpoints"]["two_stage"]) == {"hand_ckpt", "outpaint_ckpt"}
+    assert all(len(c["digest"]) == 64 for c in record["checkpoints"]["two_stage"].values())
 
 
 def test_tensorboard_has_a_run_per_method_with_scalars_and_hparams(evaluated):

@@ -143,6 +143,7 @@ def test_markdown_table_marks_directions_and_missing_values():
         }
     )
     lines = table.splitlines()
-    assert lines[0] == "| method | fid ↓ | ap x100 ↑ | ap_m x100 ↑ |"
+    assert lines[0] == "| method | fid ↓ | 100·ap ↑ | 100·ap_m ↑ |"
     assert lines[2] == "| a | 12.35 | 31.85 | – |"
     assert lines[3] == "| b | 10.00 | 50.00 | 25.00 |"
+    assert lines[5].startswith("100·ap, 100·ap_m: the value times the factor")

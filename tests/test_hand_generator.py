@@ -121,6 +121,14 @@ def test_frozen_parts_stay_frozen_and_in_eval_mode(tiny_generator):
     assert trainable == {id(p) for p in tiny_generator.unet.parameters()}
 
 
+def test_an_exported_unet_is_trained_in_train_mode(tmp_path):
+    # from_pretrained returns eval-mode modules; training one in eval mode would go unnoticed
+    build_tiny_components().unet.save_pretrained(tmp_path / "unet")
+    model = HandGenerator(components={"tiny": True, "unet": str(tmp_path / "unet")})
+    assert model.unet.training and all(m.training for m in model.unet.modules())
+    assert not model.vae.training and not model.text_encoder.training
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
 def test_sample_shapes_ranges_and_determinism(tiny_generator, scheduler):
     batch = _batch(n=2)

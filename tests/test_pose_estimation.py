@@ -350,6 +350,17 @@ def test_a_hand_near_nobody_is_kept_hand_only_not_glued_to_the_person(monkeypatc
     assert len(people) >= 2 and not (people[1]["body"][:, 2] > 0).any()
 
 
+def test_native_start_up_notices_are_hidden_and_nothing_else(capfd):
+    import os
+
+    from pose_estimation.native_logs import start_up_notices_hidden
+
+    with start_up_notices_hidden():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"E0000 something really went wrong\n")
+    assert capfd.readouterr().err == "E0000 something really went wrong\n"
+
+
 def test_mmpose_without_compiled_mmcv_explains_itself():
     try:
         import mmcv._ext  # noqa: F401

@@ -71,6 +71,18 @@ def test_fit_writes_losses_images_hparams_and_checkpoints(trained):
     assert (image.width, image.height) == (2 + 4 * 66, 2 + 4 * 66)  # 4 columns x 4 rows of 64 px
     hparams = (run / "hparams.yaml").read_text()
     assert "model.params.mask_loss_weight" in hparams
+    # TensorBoard's HPARAMS tab: the run's settings with its loss metrics
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    mux = EventMultiplexer({"run": str(run)})
+    mux.Reload()
+    content = mux.PluginRunToTagToContent("hparams")["run"]
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert data.session_start_info.hparams["model.params.mask_loss_weight"].number_value == 1.0
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    tags = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert tags == {"train/loss", "val/loss"}
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step0000010.ckpt", "step0000020.ckpt"]
 
@@ -138,6 +150,17 @@ def test_resume_continues_the_step_count_and_the_run(trained, synthetic_dir, mon
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert max(steps) == 29
+    assert "trainer.max_steps: 30" in (_run_dir(trained) / "hparams.yaml").read_text()
+
+
+def test_resume_at_max_steps_says_how_to_continue(trained, synthetic_dir, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    last = _run_dir(trained) / "checkpoints/last.ckpt"
+    before = last.stat().st_mtime_ns
+    assert main(["fit", *_args(synthetic_dir, "trainer.max_steps=10", "ckpt_path=last")]) == {}
+    out = capsys.readouterr().out
+    assert "trainer.max_steps=10 already reaches" in out and "trainer.max_steps=" in out
+    assert last.stat().st_mtime_ns == before  # nothing trained, nothing written
 
 
 def test_export_writes_a_loadable_diffusers_unet(trained, synthetic_dir, monkeypatch):

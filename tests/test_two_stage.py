@@ -178,7 +178,8 @@ def test_tiny_end_to_end_through_the_cli(synthetic_dir, tmp_path, monkeypatch):
     # MediaPipe checked every generated hand (a 3-step tiny model draws no detectable hand)
     assert all(len(r["hand_checks"]) == len(r["hands_generated"]) for r in reports)
     assert {r["hand_mask"] for r in reports} == {"predicted"}
-    assert (out / "intermediate" / f"{reports[0]['key']}_canvas.png").is_file()
+    canvas = np.asarray(Image.open(out / "intermediate" / f"{reports[0]['key']}_canvas.png"))
+    assert np.median(canvas) in (127, 128)  # grey where no hand is, as the outpainter sees it
 
     # the same under 2-process DDP: every pose once, one report file per rank, same images
     import os
