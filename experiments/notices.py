@@ -23,9 +23,10 @@ class _DropMessages(logging.Filter):
 
 def configure_logging() -> None:
     """WARNING for libraries, INFO for handdiff's packages, and the notices below dropped:
-    Lightning's advert for its cloud logger and its note that it uses our parameter summary; diffusers' warning that the frozen VAE has
-    modules to keep in float32 when that list is empty (its cast to bf16 is deliberate, and
-    with nothing to keep there is nothing to warn about); Lightning's use of a torch
+    Lightning's advert for its cloud logger and its note that it uses our parameter summary;
+    diffusers' warning that the frozen VAE has modules to keep in float32 when that list is
+    empty (its cast to bf16 is deliberate, and with nothing to keep there is nothing to warn
+    about); Lightning's use of a torch
     ``_pytree`` API that torch deprecated (nothing a user can change)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for package in OWN_PACKAGES:

@@ -1,6 +1,6 @@
 """What a training run shows on the console: a progress bar without a negative epoch total
-when training is step-bound, and a parameter summary without Lightning's FLOP column (always 0 here: the
-methods take dict batches, so Lightning has no example input to count FLOPs on)."""
+when training is step-bound, and a parameter summary without Lightning's FLOP column (always
+0 here: the methods take dict batches, so Lightning has no example input to count FLOPs on)."""
 
 from __future__ import annotations
 
