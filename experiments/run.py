@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
@@ -112,6 +113,7 @@ def build(cfg, provenance: Provenance):
 HPARAM_METRICS = ("train/loss", "val/loss")
 
 
+@rank_zero_only
 def log_hparams(logger, params: dict, resumed: bool) -> None:
     """The run's flattened config to the logger and, for TensorBoard, to its HPARAMS tab
     (Lightning adds the tab only with metric values, which a run starting has not got: the tab
@@ -253,8 +255,9 @@ def output_locations(command: str, model: L.LightningModule, trainer: L.Trainer)
     callback = trainer.checkpoint_callback
     if command == "fit" and callback is not None and callback.dirpath:
         lines.append(f"checkpoints: {callback.dirpath}/ (last: {callback.dirpath}/last.ckpt)")
-    if trainer.logger is not None and trainer.log_dir:
-        lines.append(f"TensorBoard logs: {trainer.log_dir}/ (make tensorboard)")
+    # the logger's own folder: trainer.log_dir is a collective, and this runs on rank 0 only
+    if trainer.logger is not None and trainer.logger.log_dir:
+        lines.append(f"TensorBoard logs: {trainer.logger.log_dir}/ (make tensorboard)")
     return lines
 
 
