@@ -13,7 +13,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -69,6 +69,16 @@ test: install ## fast tests (CPU, tiny models, synthetic shards)
 
 test-full: install ## every test, slow ones included
 	$(PY) -m pytest -q $(ARGS)
+
+CONFIG_METHODS ?= experiments/eval/tiny.yaml
+POSE ?= docs/examples/pose.json
+PROMPT ?= a person waving, full body photo
+METHODS ?= two_stage
+sample: $(SYNTHETIC)/.done ## images from one pose (methods of CONFIG_METHODS): POSE=pose.json|PHOTO=img|SKELETON=img PROMPT="..." METHODS="two_stage humansd" (trains tiny methods if missing)
+	$(PY) -m experiments.sample $(if $(PHOTO),--photo "$(PHOTO)",$(if $(SKELETON),--skeleton "$(SKELETON)",--pose "$(POSE)")) --prompt "$(PROMPT)" --methods $(METHODS) --config $(CONFIG_METHODS) $(ARGS)
+
+demo: $(SYNTHETIC)/.done ## local web demo: methods side by side from a pose (http://127.0.0.1:7860)
+	$(PY) -m experiments.demo --config $(CONFIG_METHODS) $(ARGS)
 
 bench-pose: install ## person/hand recall and attribution of the annotator on real photos (SAMPLES=../shared/real_samples)
 	$(PY) -m benchmarks.pose_stack --samples $(or $(SAMPLES),../shared/real_samples) $(ARGS)

@@ -46,7 +46,11 @@ def not_done(key: str, done_dir: Path | None) -> bool:
         return True
 
 
-class _PoseRecords:
+class PoseRecords:
+    """Samples -> generation records: ``{"key", "people", "caption"}`` letterboxed to
+    ``resolution``, or with ``hand_crops`` one ``{"key", "pose_image", "caption"}`` per visible
+    hand; ``keys`` and ``done_dir`` leave samples out (a subset, work already done)."""
+
     def __init__(
         self,
         resolution: int,
@@ -59,7 +63,7 @@ class _PoseRecords:
         self.done_dir = done_dir
         self.hand_crops = hand_crops
 
-    def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
+    def __call__(self, samples: Iterable[Sample], counter: SkipCounter | None) -> Iterator[dict]:
         for sample in samples:
             if self.keys is not None and sample.key not in self.keys:
                 continue
@@ -120,7 +124,7 @@ class PoseDataModule(L.LightningDataModule):
         check_split(self.urls, world, self.num_workers, "shards")
         pipeline = sample_pipeline(
             self.urls,
-            _PoseRecords(self.resolution, self.keys, self.skip_done, self.hand_crops),
+            PoseRecords(self.resolution, self.keys, self.skip_done, self.hand_crops),
             seed=0,
             shuffle=False,
             resampled=False,

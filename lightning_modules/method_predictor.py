@@ -3,15 +3,12 @@ baseline, plain SD) and the stage-1 hand generator on its own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
 
-import lightning as L
 import torch
 
 from datamodules.full_body_datamodule import FullBodyConfig
 from datamodules.hand_crops import HandCropConfig
-from datamodules.pose_datamodule import PoseDataModule
 from datamodules.rendering import render_full_skeleton
 from lightning_modules.predictor import ExperimentLoader, GenerationPredictor
 
@@ -50,8 +47,11 @@ class MethodPredictor(GenerationPredictor):
         ])  # fmt: skip
 
     def sample_batch(self, batch: dict) -> torch.Tensor:
+        """``batch["people"]`` rendered as this method's skeletons, or a given
+        ``batch["pose_image"]`` ``[B, 3, R, R]`` in [0, 1] (a skeleton image from a user)."""
+        poses = batch["pose_image"] if "pose_image" in batch else self.pose_images(batch["people"])
         return self.method.sample(
-            self.pose_images(batch["people"]),
+            poses,
             batch["caption"],
             generator=self.generators(batch["key"]),
             num_inference_steps=self.num_inference_steps,
@@ -82,19 +82,12 @@ class HandPredictor(GenerationPredictor):
         super().__init__(out_dir, seed, load_experiment)
         self.method, method_cfg = self.load(config, ckpt)
         self.crop = HandCropConfig(**(method_cfg["data"]["params"].get("crop") or {}))
+        self.hand_crops = self.crop
         self.resolution = self.crop.resolution
         self.scoring_data = {"hand_crops": asdict(self.crop)}
         self.scoring_metrics = {"body_estimator": None}
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-
-    def prediction_datamodule(
-        self, shards: str | Sequence[str], keys: Sequence[str] | None, batch_size: int,
-        num_workers: int = 0,
-    ) -> L.LightningDataModule:  # fmt: skip
-        return PoseDataModule(
-            shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir), self.crop
-        )
 
     def sample_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.method.sample(

@@ -15,7 +15,9 @@ import torch
 from torchvision.utils import save_image
 
 from datamodules.evaluation_datamodule import stable_id
-from datamodules.pose_datamodule import PoseDataModule
+from datamodules.hand_crops import HandCropConfig
+from datamodules.pose_datamodule import PoseDataModule, PoseRecords, collate_poses
+from datamodules.schema import Sample
 from metrics.inference_timer import InferenceTimer, SynchronizedClock
 
 # (experiment config path, checkpoint or "last" or None) -> (module, merged config)
@@ -69,6 +71,8 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         # choices a results table must show beside the method's name (e.g. the mask source)
         self.settings: dict[str, str] = {}
         self.timing_runs = 0
+        # the hand generator predicts on hand crops (HandPredictor sets its crop settings)
+        self.hand_crops: HandCropConfig | None = None
         self._timed_batches = 0
         self._first_pose: dict | None = None
 
@@ -125,8 +129,15 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
     ) -> L.LightningDataModule:  # fmt: skip
         """The poses to generate from, leaving out those already written."""
         return PoseDataModule(
-            shards, self.resolution, batch_size, num_workers, keys, skip_done=str(self.out_dir)
-        )
+            shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir),
+            self.hand_crops,
+        )  # fmt: skip
+
+    def batch_for(self, sample: Sample) -> dict | None:
+        """The batch :meth:`prediction_datamodule` would make of one sample (a pose given
+        directly rather than in shards); None when it yields nothing (e.g. no hand to crop)."""
+        records = list(PoseRecords(self.resolution, None, None, self.hand_crops)([sample], None))
+        return collate_poses(records) if records else None
 
     def on_predict_start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

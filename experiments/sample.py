@@ -1,0 +1,266 @@
+"""Sample images from one pose and a prompt, with any method of an evaluation config.
+
+    .venv/bin/python -m experiments.sample --pose pose.json --prompt "a person waving" \
+        [--methods two_stage humansd] [--config experiments/eval/tiny.yaml] [--seed 0]
+    --pose FILE      a JSON record in the sample schema ({"width", "height", "people": [...]})
+                     or an OpenPose JSON ({"people": [{"pose_keypoints_2d", "hand_left_...",
+                     "hand_right_keypoints_2d"}]}, BODY_25 or COCO-18; --size W H gives its
+                     image size when the file has no canvas_width/canvas_height)
+    --photo FILE     a photo: the pose is detected with pose_estimation.MediaPipePeople
+    --skeleton FILE  a skeleton image, given as is to the methods that condition on the
+                     skeleton image alone (HumanSD, the ControlNet baseline, plain SD); the
+                     two-stage method and the hand generator need keypoints
+
+The methods are those of the evaluation config (the same definitions `make eval` scores);
+methods whose checkpoint is ``last`` and missing are trained first, as `make eval` does. Each
+method writes ``<out>/<method>/<key>.png`` (its seed: ``seed`` + a stable hash of the key, as in
+an evaluation), ``<key>_skeleton.png`` and ``<key>_with_skeleton.png``, the skeleton beside the
+image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import save_image
+
+from datamodules.annotate import schema_people
+from datamodules.converter import Drop, read_rgb
+from datamodules.full_body_datamodule import FullBodyConfig
+from datamodules.rendering import render_full_skeleton
+from datamodules.schema import Person, Sample, SampleError, key_problem, parse_people
+from experiments.config import ConfigError
+from experiments.evaluate import ensure_trained, load_config
+from experiments.notices import configure_logging
+from experiments.run import limit_threads, make
+from pose_estimation import MediaPipePeople
+from pose_estimation.people import bbox_of
+
+# OpenPose body -> COCO-17 (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles;
+# left before right), by keypoint count: COCO-18 (neck at 1) and BODY_25 (neck 1, mid-hip 8)
+OPENPOSE_TO_COCO = {
+    18: (0, 15, 14, 17, 16, 5, 2, 6, 3, 7, 4, 11, 8, 12, 9, 13, 10),
+    25: (0, 16, 15, 18, 17, 5, 2, 6, 3, 7, 4, 12, 9, 13, 10, 14, 11),
+}
+IMAGE_ONLY_METHODS = "MethodPredictor"  # the predictors that take a skeleton image as is
+
+
+@dataclass
+class Pose:
+    """What to generate from: people in a ``size`` (width, height) image, or a skeleton image
+    ``[H, W, 3]`` uint8 for methods that take the image itself."""
+
+    people: list[Person]
+    size: tuple[int, int]
+    skeleton: np.ndarray | None = None
+
+
+def _points(values, count: int, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != (count * 3,):
+        raise ValueError(f"{name} has {array.size} values, expected {count * 3}")
+    return array.reshape(count, 3)
+
+
+def openpose_people(record: dict, size: tuple[int, int]) -> list[Person]:
+    """OpenPose's ``people`` (BODY_25 or COCO-18 body, optional 21-point hands in the same
+    order as the schema's, the person's own left and right) as schema people; a keypoint with
+    confidence 0 is unlabelled, others keep the confidence as their score."""
+    records = []
+    for n, entry in enumerate(record["people"]):
+        flat = entry.get("pose_keypoints_2d") or []
+        count = len(flat) // 3
+        if count not in OPENPOSE_TO_COCO:
+            raise ValueError(
+                f"people[{n}].pose_keypoints_2d has {len(flat)} values: expected BODY_25 (75) "
+                "or COCO-18 (54)"
+            )
+        body = _points(flat, count, f"people[{n}].pose_keypoints_2d")[list(OPENPOSE_TO_COCO[count])]
+        hands = {}
+        for side in ("left", "right"):
+            values = entry.get(f"hand_{side}_keypoints_2d")
+            hand = _points(values, 21, f"people[{n}].hand_{side}_keypoints_2d") if values else None
+            hands[side] = None if hand is None or not (hand[:, 2] > 0).any() else hand
+        records.append({
+            "bbox": bbox_of(body, hands["left"], hands["right"]), "body": body.tolist(),
+            **{f"{side}_hand": None if h is None else h.tolist() for side, h in hands.items()},
+        })  # fmt: skip
+    return parse_people(records, *size)
+
+
+def read_pose(path: str, size: tuple[int, int] | None = None) -> Pose:
+    """A pose JSON file (sample schema or OpenPose); one clear error naming the file."""
+    try:
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("people"), list):
+            raise ValueError("expected an object with a 'people' list")
+        if record["people"] and "pose_keypoints_2d" in record["people"][0]:
+            canvas = record.get("canvas_width"), record.get("canvas_height")
+            size = size or (canvas if all(canvas) else None)
+            if size is None:
+                raise ValueError(
+                    "an OpenPose file has no image size: pass --size WIDTH HEIGHT (or add "
+                    "canvas_width and canvas_height)"
+                )
+            size = (int(size[0]), int(size[1]))
+            return Pose(openpose_people(record, size), size)
+        size = (int(record["width"]), int(record["height"]))
+        return Pose(parse_people(record["people"], *size), size)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SampleError) as exc:
+        raise ConfigError(f"--pose {path}: {exc}") from None
+
+
+def read_photo(path: str) -> Pose:
+    """The people MediaPipe finds in a photo."""
+    pixels = read_rgb(Path(path))
+    if isinstance(pixels, Drop):
+        raise ConfigError(f"--photo {path}: not a readable image ({pixels.reason})")
+    height, width = pixels.shape[:2]
+    people = schema_people(MediaPipePeople().people(pixels), width, height)
+    if not people:
+        raise ConfigError(f"--photo {path}: no person or hand found")
+    return Pose(parse_people(people, width, height), (width, height))
+
+
+def read_skeleton(path: str) -> Pose:
+    pixels = read_rgb(Path(path))
+    if isinstance(pixels, Drop):
+        raise ConfigError(f"--skeleton {path}: not a readable image ({pixels.reason})")
+    return Pose([], (pixels.shape[1], pixels.shape[0]), pixels)
+
+
+@dataclass
+class Generated:
+    image: Path  # <out>/<method>/<name>.png
+    skeleton: Path  # <name>_skeleton.png: the pose as the method was given it
+    pair: Path  # <name>_with_skeleton.png: the two side by side
+
+
+class Sampler:
+    """The methods of an evaluation config, each loaded once: ``sampler(method, pose, prompt,
+    seed, key)`` writes one image per generated output (several hand crops for the hand
+    generator) and returns their :class:`Generated` paths."""
+
+    def __init__(self, config: str, out_dir: str = "results/samples", overrides=()):
+        container = load_config([config], list(overrides))
+        self.methods = {m: n for m, n in container["methods"].items() if n is not None}
+        self.train_overrides = container.get("train_overrides") or []
+        self.out_dir = Path(out_dir)
+        self._predictors: dict[tuple[str, int], object] = {}
+
+    def predictor(self, method: str, seed: int):
+        if method not in self.methods:
+            raise ConfigError(f"method {method!r}: the config has {sorted(self.methods)}")
+        if (method, seed) not in self._predictors:
+            ensure_trained({method: self.methods[method]}, self.train_overrides)
+            node = self.methods[method]
+            predictor = make(node, out_dir=str(self.out_dir / method), seed=seed).eval()
+            predictor.out_dir.mkdir(parents=True, exist_ok=True)
+            self._predictors[(method, seed)] = predictor
+        return self._predictors[(method, seed)]
+
+    def __call__(
+        self, method: str, pose: Pose, prompt: str, seed: int = 0, key: str = "sample"
+    ) -> list[Generated]:
+        problem = key_problem(key)
+        if problem:
+            raise ConfigError(f"key {key!r}: {problem}")
+        if (
+            pose.skeleton is not None
+            and self.methods.get(method, {}).get("target", "").split(".")[-1] != IMAGE_ONLY_METHODS
+        ):
+            raise ConfigError(
+                f"method {method!r} needs keypoints (it draws hands from them): give --pose or "
+                "--photo instead of a skeleton image"
+            )
+        predictor = self.predictor(method, seed)
+        resolution = predictor.resolution
+        if pose.skeleton is not None:
+            skeleton = Image.fromarray(pose.skeleton).resize((resolution,) * 2, Image.BICUBIC)
+            pose_image = torch.from_numpy(np.asarray(skeleton).copy()).permute(2, 0, 1)
+            batch = {"key": [key], "caption": [prompt], "pose_image": pose_image[None] / 255}
+        else:
+            image = Image.new("RGB", pose.size)
+            batch = predictor.batch_for(Sample(key, "", image, prompt, {}, pose.people))
+            if batch is None:
+                raise ConfigError(f"method {method!r}: nothing to generate from this pose")
+        with torch.inference_mode():
+            outputs = predictor.sample_batch(batch)
+            predictor.write_outputs(batch, outputs)
+        skeletons = (
+            batch["pose_image"] if "pose_image" in batch else self.skeletons(batch, resolution)
+        )
+        written = []
+        for name, skeleton in zip(batch["key"], skeletons, strict=True):
+            out = Generated(*(predictor.out_dir / f"{name}{suffix}.png"
+                              for suffix in ("", "_skeleton", "_with_skeleton")))  # fmt: skip
+            generated = torch.from_numpy(np.asarray(Image.open(out.image).convert("RGB")).copy())
+            generated = generated.permute(2, 0, 1).float() / 255
+            save_image(skeleton.float(), out.skeleton)
+            save_image(torch.cat([skeleton.float(), generated], -1), out.pair)
+            written.append(out)
+        return written
+
+    @staticmethod
+    def skeletons(batch: dict, resolution: int) -> torch.Tensor:
+        """The batch's people drawn as full-body skeletons ``[B, 3, R, R]`` (the default
+        layout), to show beside each image."""
+        body = FullBodyConfig(resolution=resolution)
+        return torch.stack([
+            torch.from_numpy(render_full_skeleton(
+                people, (resolution, resolution), body.body_line_width, body.hand_line_width
+            )).permute(2, 0, 1).float() / 255
+            for people in batch["people"]
+        ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(
+        prog=".venv/bin/python -m experiments.sample",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pose", help="pose JSON: sample schema or OpenPose")
+    source.add_argument("--photo", help="a photo to detect the pose in")
+    source.add_argument("--skeleton", help="a skeleton image (HumanSD, ControlNet, plain SD)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--methods", nargs="+", default=["two_stage"])
+    parser.add_argument("--config", default="experiments/eval/tiny.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/samples")
+    parser.add_argument("--key", help="output name (default: the input file's name)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("W", "H"))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = parser.parse_args(argv)
+    configure_logging()
+    limit_threads()
+    try:
+        if args.pose:
+            pose, source_file = read_pose(args.pose, args.size), args.pose
+        elif args.photo:
+            pose, source_file = read_photo(args.photo), args.photo
+        else:
+            pose, source_file = read_skeleton(args.skeleton), args.skeleton
+        sampler = Sampler(args.config, args.out, args.overrides)
+        key = args.key or Path(source_file).stem
+        written = []
+        for method in args.methods:
+            written += [g.pair for g in sampler(method, pose, args.prompt, args.seed, key)]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in written:
+        print(f"written: {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
