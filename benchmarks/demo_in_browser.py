@@ -11,6 +11,7 @@ Exits non-zero when the gallery does not show the skeleton and one image per met
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # no usage statistics from Selenium
     from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -35,15 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pose", default="docs/examples/pose.json")
     parser.add_argument("--screenshot", default="docs/demo.png")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     args = parser.parse_args(argv)
     demo = build_demo(Sampler(args.config, "results/demo"), args.methods)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     options = webdriver.ChromeOptions()
+    options.binary_location = args.chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                  "--window-size=1400,1000"):  # fmt: skip
         options.add_argument(flag)
-    browser = webdriver.Chrome(options=options)
+    # the local driver: Selenium Manager would otherwise look for one on the network
+    browser = webdriver.Chrome(options=options, service=Service(args.chromedriver))
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         deadline = time.monotonic() + 60

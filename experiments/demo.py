@@ -12,6 +12,9 @@ an API call (``api_name="generate"``), e.g. with ``gradio_client``.
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo reports to no one
 
 import gradio as gr
 
