@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -72,6 +73,10 @@ def resolve_checkpoint(container: dict) -> str | None:
             "ckpt_path=last: no checkpoint of %r yet, starting from scratch", container["name"]
         )
         return None
+    if rank_zero_only.rank == 0:  # said plainly: "last" is whichever run of this name saved last
+        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(last.stat().st_mtime))
+        step = read_checkpoint(last, mmap=True)["global_step"]
+        print(f"ckpt_path=last: {last} (step {step}, saved {saved}); pin a run with ckpt_path=PATH")
     return str(last)
 
 

@@ -159,7 +159,10 @@ def test_resume_at_max_steps_says_how_to_continue(trained, synthetic_dir, monkey
     before = last.stat().st_mtime_ns
     assert main(["fit", *_args(synthetic_dir, "trainer.max_steps=10", "ckpt_path=last")]) == {}
     out = capsys.readouterr().out
-    assert "trainer.max_steps=10 already reaches" in out and "trainer.max_steps=" in out
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert f"step {step}, which trainer.max_steps=10 already reaches" in out
+    assert f"raise it, e.g. trainer.max_steps={2 * step}" in out
+    assert f"ckpt_path=last: {last.relative_to(trained)} (step {step}" in out  # which it took
     assert last.stat().st_mtime_ns == before  # nothing trained, nothing written
 
 
