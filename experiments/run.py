@@ -110,7 +110,7 @@ def build(cfg, provenance: Provenance):
     plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=plugins)
     if trainer.logger is not None:
-        log_hparams(trainer.logger, flatten(container), resumed=ckpt_path is not None)
+        trainer.logger.log_hyperparams(flatten(container))
     return model, datamodule, trainer, ckpt_path
 
 
@@ -119,13 +119,12 @@ HPARAM_METRICS = ("train/loss", "val/loss")
 
 
 @rank_zero_only
-def log_hparams(logger, params: dict, resumed: bool) -> None:
-    """The run's flattened config to the logger and, for TensorBoard, to its HPARAMS tab
-    (Lightning adds the tab only with metric values, which a run starting has not got: the tab
-    is written with the metric tags alone, read from the scalars as they come). On resume the
-    run's ``hparams.yaml`` is rewritten (Lightning keeps the first one: a new ``max_steps``
-    would not show)."""
-    logger.log_hyperparams(params)
+def write_hparams_tab(logger, params: dict, resumed: bool) -> None:
+    """A training run's flattened config in TensorBoard's HPARAMS tab (Lightning adds the tab
+    only with metric values, which a run starting has not got: the tab is written with the
+    metric tags alone, read from the scalars as they come). On resume the run's
+    ``hparams.yaml`` is rewritten (Lightning keeps the first one: a new ``max_steps`` would not
+    show). Called when training starts: it opens the run's event file."""
     if not isinstance(logger, TensorBoardLogger):
         return
     plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
@@ -237,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"trainer.max_steps={2 * step}"
             )
             return {}
+        if trainer.logger is not None:
+            params = flatten(OmegaConf.to_container(cfg, resolve=True))
+            write_hparams_tab(trainer.logger, params, ckpt_path is not None)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     elif ns.command == "eval":
         trainer.test(model, datamodule=datamodule)
