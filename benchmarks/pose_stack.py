@@ -296,6 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-hand-px", type=float, default=20.0)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    if not Path(args.samples).is_dir():
+        raise SystemExit(
+            f"--samples {args.samples}: no such folder; it holds ochuman/, crowdpose/, mpii/, "
+            "panoptic/ and interhand2.6m/ as in mmpose's tests/data (SAMPLES=... for make)"
+        )
     photos = load_photos(Path(args.samples))
     annotate_image(read_rgb(photos[0].path))  # build the graphs outside the timing
     rows, speed = run(photos, lambda p: annotate_image(p)["people"], args.min_hand_px)

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from experiments.config import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("experiments.checkpoints")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

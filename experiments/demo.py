@@ -5,8 +5,9 @@
 
 Served to this machine only unless ``--host 0.0.0.0`` is given. The pose is a JSON file (the
 sample schema or OpenPose, as ``experiments.sample`` reads it) or an image: a photo to detect
-the pose in, or a skeleton image for the methods that take one as is. The same generation is
-an API call (``api_name="generate"``), e.g. with ``gradio_client``.
+the pose in, or a skeleton image for the methods that take one as is (the others are left out
+of that request). The same generation is an API call (``api_name="generate"``), e.g. with
+``gradio_client``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def generate(
         else:
             raise ConfigError("give a pose JSON or an image")
         items: list[tuple[str, str]] = []
+        if pose.skeleton is not None:  # the methods that need keypoints sit this one out
+            skipped = [m for m in methods if not sampler.takes_skeleton_images(m)]
+            methods = [m for m in methods if m not in skipped]
+            if not methods:
+                raise ConfigError(f"{', '.join(skipped)} need keypoints: give a pose JSON or photo")
         for method in methods:
             generated = sampler(method, pose, prompt, int(seed), key="demo")
             if not items:
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     limit_threads()
     sampler = Sampler(args.config, args.out)
     methods = args.methods or list(sampler.methods)
+    print(f"images: {sampler.out_dir}/<method>/ (demo.png, demo_skeleton.png)")
     build_demo(sampler, methods).launch(server_name=args.host, server_port=args.port)
 
 

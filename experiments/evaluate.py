@@ -1,6 +1,6 @@
 """The evaluation harness: every method of a config on the same poses, prompts and seeds.
 
-    python -m experiments.evaluate experiments/eval/tiny.yaml [key=value ...]
+    .venv/bin/python -m experiments.evaluate experiments/eval/tiny.yaml [key=value ...]
     make eval [CONFIG=experiments/eval/<name>.yaml]     make ablations
 
 For an evaluation config (see ``experiments/eval/tiny.yaml``):
@@ -58,7 +58,7 @@ from experiments.run import limit_threads, make
 from experiments.run import main as run_main
 from metrics.evaluation import COLUMNS, markdown_table
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("experiments.evaluate")
 
 
 @dataclasses.dataclass
@@ -133,7 +133,8 @@ def ensure_trained(methods: dict[str, dict], train_overrides: Sequence[str]) -> 
     if "WORLD_SIZE" in os.environ or rank_zero_only.rank != 0:
         raise ConfigError(
             f"no checkpoint for {pending}: train them before a multi-process launch "
-            f"(python -m experiments.run fit CONFIG, or one single-process `make eval` run)"
+            f"(.venv/bin/python -m experiments.run fit CONFIG, or one single-process `make eval` "
+            "run)"
         )
     for config in pending:
         log.info("training %s (no checkpoint yet)", config)
@@ -176,6 +177,9 @@ def check_generation(
     digests of its checkpoints. Images made with other ones, or with no record at all, are
     refused (or, with ``regenerate``, deleted) instead of being scored under new settings.
     Prints and returns the checkpoints (path, digest) the method loads."""
+    for key, path in checkpoint_files(node, overrides).items():
+        if not Path(path).is_file():
+            raise ConfigError(f"methods.{method}.params.{key}={path!r}: no such checkpoint file")
     record = {
         "method": node,
         "seed": seed,

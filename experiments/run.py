@@ -1,11 +1,11 @@
 """Command-line entry point.
 
-    python -m experiments.run fit experiments/hand/tiny.yaml [more.yaml ...] [key=value ...]
-    python -m experiments.run validate CONFIG [key=value ...]
-    python -m experiments.run export CONFIG ckpt_path=last export_dir=exports/hand
-    python -m experiments.run eval experiments/eval/metrics_tiny.yaml [key=value ...]
-    python -m experiments.run predict experiments/two_stage/tiny.yaml [key=value ...]
-    python -m experiments.run print CONFIG [key=value ...]
+    .venv/bin/python -m experiments.run fit experiments/hand/tiny.yaml [more.yaml] [key=value ...]
+    .venv/bin/python -m experiments.run validate CONFIG [key=value ...]
+    .venv/bin/python -m experiments.run export CONFIG ckpt_path=last export_dir=exports/hand
+    .venv/bin/python -m experiments.run eval experiments/eval/metrics_tiny.yaml [key=value ...]
+    .venv/bin/python -m experiments.run predict experiments/two_stage/tiny.yaml [key=value ...]
+    .venv/bin/python -m experiments.run print CONFIG [key=value ...]
 
 Arguments with ``=`` are OmegaConf dotlist overrides; the others are config files, merged in
 order (e.g. an ``experiments/debug/`` overlay after the experiment).
@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -41,7 +42,7 @@ from experiments.config import (
 )
 from experiments.notices import configure_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("experiments.run")
 
 
 def make(node: dict, **extra):
@@ -106,6 +107,8 @@ def build(cfg, provenance: Provenance):
         if node is not None
     ]
     trainer_args = dict(container["trainer"])
+    if trainer_args.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     plugins = trainer_args.pop("plugins", None) or []
     plugins = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
     trainer = L.Trainer(**trainer_args, logger=logger, callbacks=callbacks, plugins=plugins)
@@ -185,13 +188,15 @@ def limit_threads() -> int:
         or max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     )
     torch.set_num_threads(threads)
+    if os.environ.get("HANDDIFF_THREADS"):  # Lightning's DDP launcher keeps a set count
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     cv2.setNumThreads(1)
     return threads
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.run",
+        prog=".venv/bin/python -m experiments.run",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -219,17 +224,15 @@ def main(argv: list[str] | None = None) -> dict:
             )
         model, datamodule, trainer, ckpt_path = build(cfg, provenance)
         if ns.command == "export":
-            export(cfg, model, ckpt_path)
+            print(f"exported: {export(cfg, model, ckpt_path)}/")
             return {}
+        resume_step = read_checkpoint(ckpt_path, mmap=True)["global_step"] if ckpt_path else 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if ns.command == "fit":
-        if (
-            ckpt_path
-            and 0 < trainer.max_steps <= read_checkpoint(ckpt_path, mmap=True)["global_step"]
-        ):
-            step = read_checkpoint(ckpt_path, mmap=True)["global_step"]
+        if ckpt_path and 0 < trainer.max_steps <= resume_step:
+            step = resume_step
             print(
                 f"{ckpt_path} is at step {step}, which trainer.max_steps={trainer.max_steps} "
                 f"already reaches: nothing to train. To continue, raise it, e.g. "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.utils import save_image
 
 from datamodules.annotate import schema_people
@@ -95,6 +95,16 @@ def openpose_people(record: dict, size: tuple[int, int]) -> list[Person]:
     return parse_people(records, *size)
 
 
+MAX_SIDE = 8192  # a pose file names its image size; a huge one would only exhaust memory
+
+
+def _checked_size(size) -> tuple[int, int]:
+    width, height = (int(v) for v in size)
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ValueError(f"image size {width} x {height}: each side must be 1 to {MAX_SIDE} px")
+    return width, height
+
+
 def read_pose(path: str, size: tuple[int, int] | None = None) -> Pose:
     """A pose JSON file (sample schema or OpenPose); one clear error naming the file."""
     try:
@@ -109,9 +119,9 @@ def read_pose(path: str, size: tuple[int, int] | None = None) -> Pose:
                     "an OpenPose file has no image size: pass --size WIDTH HEIGHT (or add "
                     "canvas_width and canvas_height)"
                 )
-            size = (int(size[0]), int(size[1]))
+            size = _checked_size(size)
             return Pose(openpose_people(record, size), size)
-        size = (int(record["width"]), int(record["height"]))
+        size = _checked_size((record["width"], record["height"]))
         return Pose(parse_people(record["people"], *size), size)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SampleError) as exc:
         raise ConfigError(f"--pose {path}: {exc}") from None
@@ -148,23 +158,36 @@ class Sampler:
     seed, key)`` writes one image per generated output (several hand crops for the hand
     generator) and returns their :class:`Generated` paths."""
 
-    def __init__(self, config: str, out_dir: str = "results/samples", overrides=()):
+    def __init__(
+        self, config: str, out_dir: str = "results/samples", overrides=(), device: str = "auto"
+    ):
         container = load_config([config], list(overrides))
         self.methods = {m: n for m, n in container["methods"].items() if n is not None}
         self.train_overrides = container.get("train_overrides") or []
         self.out_dir = Path(out_dir)
-        self._predictors: dict[tuple[str, int], object] = {}
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._predictors: dict[str, object] = {}
 
-    def predictor(self, method: str, seed: int):
+    def predictor(self, method: str, seed: int = 0):
+        """The method's predictor, loaded once, sampling with ``seed``."""
         if method not in self.methods:
             raise ConfigError(f"method {method!r}: the config has {sorted(self.methods)}")
-        if (method, seed) not in self._predictors:
+        if method not in self._predictors:
             ensure_trained({method: self.methods[method]}, self.train_overrides)
             node = self.methods[method]
-            predictor = make(node, out_dir=str(self.out_dir / method), seed=seed).eval()
+            predictor = make(node, out_dir=str(self.out_dir / method), seed=seed)
+            predictor = predictor.to(self.device).eval()
             predictor.out_dir.mkdir(parents=True, exist_ok=True)
-            self._predictors[(method, seed)] = predictor
-        return self._predictors[(method, seed)]
+            self._predictors[method] = predictor
+        predictor = self._predictors[method]
+        predictor.seed = seed
+        return predictor
+
+    def takes_skeleton_images(self, method: str) -> bool:
+        """Whether the method conditions on the skeleton image alone (no keypoints)."""
+        return self.methods.get(method, {}).get("target", "").split(".")[-1] == IMAGE_ONLY_METHODS
 
     def __call__(
         self, method: str, pose: Pose, prompt: str, seed: int = 0, key: str = "sample"
@@ -182,8 +205,8 @@ class Sampler:
             )
         predictor = self.predictor(method, seed)
         resolution = predictor.resolution
-        if pose.skeleton is not None:
-            skeleton = Image.fromarray(pose.skeleton).resize((resolution,) * 2, Image.BICUBIC)
+        if pose.skeleton is not None:  # letterboxed, as keypoints are
+            skeleton = ImageOps.pad(Image.fromarray(pose.skeleton), (resolution,) * 2, color=0)
             pose_image = torch.from_numpy(np.asarray(skeleton).copy()).permute(2, 0, 1)
             batch = {"key": [key], "caption": [prompt], "pose_image": pose_image[None] / 255}
         else:
@@ -194,9 +217,12 @@ class Sampler:
         with torch.inference_mode():
             outputs = predictor.sample_batch(batch)
             predictor.write_outputs(batch, outputs)
-        skeletons = (
-            batch["pose_image"] if "pose_image" in batch else self.skeletons(batch, resolution)
-        )
+        if "pose_image" in batch:
+            skeletons = batch["pose_image"]
+        elif hasattr(predictor, "pose_images"):  # the skeletons this method renders
+            skeletons = predictor.pose_images(batch["people"]).cpu()
+        else:
+            skeletons = self.skeletons(batch, resolution)
         written = []
         for name, skeleton in zip(batch["key"], skeletons, strict=True):
             out = Generated(*(predictor.out_dir / f"{name}{suffix}.png"
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", default="results/samples")
     parser.add_argument("--key", help="output name (default: the input file's name)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("W", "H"))
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
     configure_logging()
@@ -249,11 +276,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
             pose, source_file = read_photo(args.photo), args.photo
         else:
             pose, source_file = read_skeleton(args.skeleton), args.skeleton
-        sampler = Sampler(args.config, args.out, args.overrides)
+        sampler = Sampler(args.config, args.out, args.overrides, args.device)
         key = args.key or Path(source_file).stem
         written = []
         for method in args.methods:
-            written += [g.pair for g in sampler(method, pose, args.prompt, args.seed, key)]
+            for made in sampler(method, pose, args.prompt, args.seed, key):
+                written += [made.image, made.skeleton, made.pair]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

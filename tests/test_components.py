@@ -118,3 +118,15 @@ def test_empty_tokenizer_folder_is_an_error(tmp_path):
     # transformers 5 returns an empty tokenizer here instead of raising
     with pytest.raises(FileNotFoundError, match="tokenizer/ has no vocabulary"):
         load_components(ComponentsConfig(pretrained=str(tmp_path)))
+
+
+def test_a_pretrained_controlnet_is_trained_in_train_mode(tmp_path):
+    from diffusers import ControlNetModel
+
+    from lightning_modules.conditioning import ControlNetPoseConditioning
+
+    unet = build_tiny_components().unet
+    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "controlnet")
+    conditioning = ControlNetPoseConditioning(pretrained=str(tmp_path / "controlnet"))
+    conditioning.attach(unet)
+    assert all(m.training for m in conditioning.controlnet.modules())

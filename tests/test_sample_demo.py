@@ -101,8 +101,10 @@ def test_the_command_prints_what_it_wrote(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     written = main(["--pose", str(POSE), "--prompt", "a person", "--methods", "plain_sd",
                     "--config", CONFIG, "--out", str(tmp_path)])  # fmt: skip
-    assert written == [tmp_path / "plain_sd/pose_with_skeleton.png"]
-    assert f"written: {written[0]}" in capsys.readouterr().out
+    folder = tmp_path / "plain_sd"
+    assert written == [folder / f"pose{s}.png" for s in ("", "_skeleton", "_with_skeleton")]
+    out = capsys.readouterr().out
+    assert all(f"written: {path}" in out for path in written)
     with pytest.raises(SystemExit):
         main(["--pose", str(POSE), "--prompt", "x", "--methods", "nope", "--config", CONFIG])
     assert "method 'nope'" in capsys.readouterr().err
@@ -112,6 +114,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_demo_serves_this_machine_only_by_default(monkeypatch):
+    import experiments.demo as demo
+
+    launched = {}
+
+    class Page:
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(demo, "build_demo", lambda sampler, methods: Page())
+    demo.main(["--config", CONFIG, "--methods", "plain_sd"])
+    assert launched["server_name"] == "127.0.0.1"
 
 
 def test_demo_generates_through_its_api_on_localhost(sampler):
