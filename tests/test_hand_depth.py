@@ -1,0 +1,86 @@
+"""Hand depth (capsules and palm from 21 keypoints) and HandRefiner's normalisation and
+inpainting-mask rule, on hand-computed examples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pose_estimation.hand_depth import (
+    BONES,
+    capsule_depth,
+    normalise_depth,
+    refiner_mask,
+    render_hand_depth,
+    triangle_depth,
+)
+
+
+def test_bones_chain_every_finger_from_the_wrist():
+    assert len(BONES) == 20
+    assert BONES[:4] == ((0, 1), (1, 2), (2, 3), (3, 4))  # thumb
+    assert BONES[-4:] == ((0, 17), (17, 18), (18, 19), (19, 20))  # little finger
+
+
+def test_capsule_front_surface_by_hand():
+    a, b = np.array([10.0, 10.0, 5.0]), np.array([30.0, 10.0, 5.0])
+    xs = np.array([[20.0, 20.0, 20.0, 8.0]])
+    ys = np.array([[10.0, 13.0, 15.0, 10.0]])
+    depth = capsule_depth(a, b, 4.0, xs, ys)
+    # on the axis: z - r; 3 px off it: z - sqrt(16 - 9); 5 px off: outside; the round end
+    # 2 px before a: z - sqrt(16 - 4)
+    np.testing.assert_allclose(depth[0, :2], [1.0, 5 - math.sqrt(7)])
+    assert math.isinf(depth[0, 2])
+    assert depth[0, 3] == pytest.approx(5 - math.sqrt(12))
+    sloped = capsule_depth(
+        a, np.array([30.0, 10.0, 25.0]), 4.0, np.array([[20.0]]), np.array([[10.0]])
+    )
+    assert sloped[0, 0] == pytest.approx(15.0 - 4.0)  # z halfway along the bone
+
+
+def test_palm_triangle_interpolates_depth():
+    tri = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 10.0], [0.0, 10.0, 0.0]])  # z = x
+    depth = triangle_depth(tri, np.array([[5.0, 9.0]]), np.array([[2.5, 9.0]]))
+    assert depth[0, 0] == pytest.approx(5.0) and math.isinf(depth[0, 1])
+
+
+def test_normalisation_as_released():
+    depth = np.array([[np.inf, 1.0], [3.0, 5.0]])
+    np.testing.assert_allclose(normalise_depth(depth), [[0.0, 1.0], [0.6, 0.2]])
+    assert (normalise_depth(np.full((2, 2), np.inf)) == 0).all()
+    np.testing.assert_allclose(normalise_depth(np.array([[2.0, np.inf]])), [[1.0, 0.0]])
+
+
+def test_mask_rule_pads_each_axis_by_30px_or_15_percent():
+    depth = np.zeros((200, 300))
+    depth[50:70, 100:120] = 0.5  # a 20 x 20 hand: 15 % of 21 is 3 px, so 30 px
+    keypoints = np.array([[105.0, 55.0, 0.0], [118.0, 66.0, 0.0]])
+    mask = refiner_mask(depth, keypoints)
+    rows, cols = np.nonzero(mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 99, 70, 149)
+    wide = np.zeros((400, 600))
+    wide[100:120, 50:350] = 0.5  # 300 px wide: int(0.15 x 301) = 45 px on x, 30 on y
+    rows, cols = np.nonzero(refiner_mask(wide, np.array([[60.0, 110.0, 0.0]])))
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (5, 394, 70, 149)
+    corner = np.zeros((50, 50))
+    corner[0:5, 0:5] = 1.0  # clipped to the image
+    rows, cols = np.nonzero(refiner_mask(corner, np.array([[2.0, 2.0, 0.0]])))
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (0, 34, 0, 34)
+
+
+def test_a_rendered_hand_covers_its_bones_with_the_nearest_finger_brightest():
+    keypoints = np.zeros((21, 3))
+    keypoints[0] = [48, 50, 0]
+    for finger, base in enumerate((1, 5, 9, 13, 17)):
+        for joint in range(4):
+            keypoints[base + joint] = [36 + 6 * finger, 42 - 7 * joint, 0]
+    keypoints[5:9, 2] = -6  # the index finger points at the camera
+    depth = normalise_depth(render_hand_depth(keypoints, (97, 61)))  # any size, not 512
+    assert depth.shape == (61, 97)
+    assert depth[int(keypoints[8, 1]), int(keypoints[8, 0])] > 0.9  # index tip: nearest
+    assert depth[depth > 0].min() == pytest.approx(0.2) and depth.max() == pytest.approx(1.0)
+    on_bones = [depth[int(y), int(x)] > 0 for x, y, _ in keypoints]
+    assert all(on_bones)
+    assert depth[5, 5] == 0 and depth[60, 96] == 0  # background
