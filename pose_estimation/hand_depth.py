@@ -13,6 +13,9 @@ rectangle over the depth pixels and the landmarks, padded per axis by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
 
 # the 21-point hand: wrist 0, then thumb 1-4, index 5-8, middle 9-12, ring 13-16, little 17-20
@@ -110,3 +113,51 @@ def refiner_mask(
     (x0, x1), (y0, y1) = box
     mask[y0 : y1 + 1, x0 : x1 + 1] = True
     return mask
+
+
+@dataclass
+class HandDepth:
+    keypoints: np.ndarray  # [21, 3] x, y in image pixels and relative depth z (smaller nearer)
+    side: str  # the person's "left" | "right"
+    score: float
+    depth: np.ndarray  # [H, W] normalised depth of this hand (0 elsewhere)
+    mask: np.ndarray  # [H, W] bool: the region to inpaint (:func:`refiner_mask`)
+
+
+class HandDepthEstimator(Protocol):
+    """``estimator(image)``: every hand of an RGB ``[H, W, 3]`` uint8 image with its depth map
+    and inpainting mask (an empty list: no hand, the image is left as it is)."""
+
+    def __call__(self, image: np.ndarray) -> list[HandDepth]: ...
+
+
+class LandmarkHandDepth:
+    """The offline default: MediaPipe Hands' 21 landmarks with their relative z (the wheel's
+    models; HandRefiner's detection settings: 2 hands, detection and presence confidence 0.6),
+    rendered by :func:`render_hand_depth` and normalised per hand as HandRefiner does. The
+    high-fidelity alternative is a mesh model's rendered depth behind the same protocol."""
+
+    def __init__(
+        self,
+        max_num_hands: int = 2,
+        min_confidence: float = 0.6,
+        radius_fraction: float = 0.06,
+        min_padding: int = 30,
+    ):
+        from pose_estimation.mediapipe_hands import MediaPipeHandFinder
+
+        self.finder = MediaPipeHandFinder(
+            max_num_hands, min_confidence, min_presence_confidence=min_confidence
+        )
+        self.radius_fraction = radius_fraction
+        self.min_padding = min_padding
+
+    def __call__(self, image: np.ndarray) -> list[HandDepth]:
+        height, width = image.shape[:2]
+        out = []
+        for hand in self.finder(image):
+            xyz = np.concatenate([hand.keypoints[:, :2], hand.depth[:, None]], 1)
+            depth = normalise_depth(render_hand_depth(xyz, (width, height), self.radius_fraction))
+            mask = refiner_mask(depth, xyz, self.min_padding)
+            out.append(HandDepth(xyz, hand.side, hand.score, depth, mask))
+        return out

@@ -30,6 +30,8 @@ class Hand:
     keypoints: np.ndarray  # [21, 3] image pixels x, y and the hand's score
     score: float  # the palm detector's score of the palm it was found from
     side: str  # "left" | "right": the person's side, from MediaPipe's handedness (unmirrored)
+    # [21] MediaPipe's relative depth (wrist 0, smaller nearer), in image pixels like x
+    depth: np.ndarray | None = None
 
 
 def palm_scores(landmarks: np.ndarray, palms: list[tuple[float, float, float]]) -> np.ndarray:
@@ -92,10 +94,15 @@ class MediaPipeHandFinder:
     handedness confidence is not one)."""
 
     def __init__(
-        self, max_num_hands: int = 4, min_detection_confidence: float = 0.5, crop_size: int = 256
+        self,
+        max_num_hands: int = 4,
+        min_detection_confidence: float = 0.5,
+        crop_size: int = 256,
+        min_presence_confidence: float = 0.5,
     ):
         self.max_num_hands = max_num_hands
         self.min_detection_confidence = min_detection_confidence
+        self.min_presence_confidence = min_presence_confidence
         self.crop_size = crop_size
         self._graph = None  # built lazily: MediaPipe graphs do not pickle into workers
 
@@ -114,7 +121,7 @@ class MediaPipeHandFinder:
                 "palmdetectioncpu__TensorsToDetectionsCalculator.min_score_thresh": (
                     self.min_detection_confidence
                 ),
-                "handlandmarkcpu__ThresholdingCalculator.threshold": 0.5,
+                "handlandmarkcpu__ThresholdingCalculator.threshold": self.min_presence_confidence,
             },
             outputs=["multi_hand_landmarks", "multi_handedness", "palm_detections"],
         )
@@ -127,10 +134,11 @@ class MediaPipeHandFinder:
         else:
             result = self._graph.process(np.ascontiguousarray(image))
         h, w = image.shape[:2]
-        landmarks = np.array(
-            [[[p.x * w, p.y * h] for p in hand.landmark]
+        points = np.array(
+            [[[p.x * w, p.y * h, p.z * w] for p in hand.landmark]
              for hand in result.multi_hand_landmarks or []]
-        ).reshape(-1, 21, 2)  # fmt: skip
+        ).reshape(-1, 21, 3)  # fmt: skip
+        landmarks = points[:, :, :2]
         palms = []
         for detection in result.palm_detections or []:
             box = detection.location_data.relative_bounding_box
@@ -141,9 +149,10 @@ class MediaPipeHandFinder:
         scores = palm_scores(landmarks, palms)
         labels = [c.classification[0].label for c in result.multi_handedness or []]
         return [
-            Hand(np.concatenate([kp, np.full((21, 1), s)], 1), float(s), UNMIRRORED[label])
-            for kp, s, label in zip(landmarks, scores, labels, strict=True)
-        ]
+            Hand(np.concatenate([kp, np.full((21, 1), s)], 1), float(s), UNMIRRORED[label],
+                 xyz[:, 2])
+            for kp, s, label, xyz in zip(landmarks, scores, labels, points, strict=True)
+        ]  # fmt: skip
 
     def in_rois(self, image: np.ndarray, rois: list[Roi]) -> list[Hand]:
         """Hands found in each (upright) region, resampled to ``crop_size`` px (black outside
@@ -153,6 +162,7 @@ class MediaPipeHandFinder:
             crop = roi.crop(image, self.crop_size, border=cv2.BORDER_CONSTANT)
             for hand in self(crop):
                 points = roi.to_image(hand.keypoints[:, :2], self.crop_size)
+                depth = hand.depth * roi.side / self.crop_size  # crop px -> image px
                 found.append(Hand(np.concatenate([points, hand.keypoints[:, 2:]], 1),
-                                  hand.score, hand.side))  # fmt: skip
+                                  hand.score, hand.side, depth))  # fmt: skip
         return found

@@ -84,3 +84,28 @@ def test_a_rendered_hand_covers_its_bones_with_the_nearest_finger_brightest():
     on_bones = [depth[int(y), int(x)] > 0 for x, y, _ in keypoints]
     assert all(on_bones)
     assert depth[5, 5] == 0 and depth[60, 96] == 0  # background
+
+
+def test_landmark_depth_of_a_real_hand_covers_it_and_its_mask_contains_it():
+    import json
+    from pathlib import Path
+
+    from datamodules.converter import read_rgb
+    from pose_estimation.hand_depth import LandmarkHandDepth
+
+    photos = Path(__file__).parent / "data" / "real_photos"
+    (labelled,) = json.loads((photos / "labels.json").read_text())["photos"][
+        "panoptic_ex2_2_000040_l.jpg"
+    ]["hands"]
+    image = read_rgb(photos / "panoptic_ex2_2_000040_l.jpg")
+    hands = LandmarkHandDepth()(image)
+    given = np.asarray(labelled["keypoints"])
+    (hand,) = [h for h in hands if np.linalg.norm(h.keypoints[0, :2] - given[0, :2]) < 20]
+    assert hand.side == "left" and hand.depth.shape == image.shape[:2]
+    inside = [hand.depth[int(y), int(x)] > 0 for x, y, _ in hand.keypoints]
+    assert np.mean(inside) > 0.9  # the rendered hand lies on its own landmarks
+    assert hand.depth[hand.depth > 0].min() >= 0.2 - 1e-9 and hand.depth.max() == 1.0
+    for x, y, _ in given:  # the mask holds every labelled keypoint, with 30 px to spare
+        assert hand.mask[int(y), int(x)]
+    assert not hand.mask[0, 0]
+    assert LandmarkHandDepth()(np.zeros((64, 64, 3), np.uint8)) == []  # no hand: nothing
