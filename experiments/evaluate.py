@@ -177,15 +177,15 @@ def check_generation(
     digests of its checkpoints. Images made with other ones, or with no record at all, are
     refused (or, with ``regenerate``, deleted) instead of being scored under new settings.
     Prints and returns the checkpoints (path, digest) the method loads."""
-    for key, path in checkpoint_files(node, overrides).items():
+    files = checkpoint_files(node, overrides)  # resolves "last": once
+    for key, path in files.items():
         if not Path(path).is_file():
             raise ConfigError(f"methods.{method}.params.{key}={path!r}: no such checkpoint file")
     record = {
         "method": node,
         "seed": seed,
         "checkpoints": {
-            key: {"path": path, "digest": file_digest(path)}
-            for key, path in checkpoint_files(node, overrides).items()
+            key: {"path": path, "digest": file_digest(path)} for key, path in files.items()
         },
     }
     if rank_zero_only.rank == 0:

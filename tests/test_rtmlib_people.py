@@ -13,6 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 from pose_estimation import RTMLibPeople
 
 
+def save_model(graph, path) -> str:
+    """``graph`` as a checked opset-17 ONNX file at ``path`` (onnxruntime 1.32 reads IR 8)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def constant_model(path, input_shape: tuple[int, ...], outputs: dict[str, np.ndarray]) -> str:
     """An ONNX model whose outputs are the given arrays whatever the image (each output is
     ``value + 0 * mean(input)``, so the graph reads its input as a real model does)."""
@@ -28,11 +37,7 @@ def constant_model(path, input_shape: tuple[int, ...], outputs: dict[str, np.nda
         nodes, "constant", [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
         graph_outputs, initializers,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return save_model(graph, path)
 
 
 def blue_detector(path, box: np.ndarray) -> str:
@@ -62,11 +67,7 @@ def blue_detector(path, box: np.ndarray) -> str:
          helper.make_tensor_value_info("labels", TensorProto.FLOAT, (1, 1))],
         initializers,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return save_model(graph, path)
 
 
 def simcc(rng, bins: np.ndarray, width: int) -> np.ndarray:
