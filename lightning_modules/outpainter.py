@@ -7,20 +7,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
-from lightning_modules.blending import BlendConfig, LatentBlender, paste_back
+from lightning_modules.blending import BlendConfig, paste_back
 from lightning_modules.components import ComponentsConfig
-from lightning_modules.conditioning import ControlNetPoseConditioning
-from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
-from lightning_modules.sampling import SamplerConfig, denoise
-from lightning_modules.unet_surgery import widen_conv_in
-
-LATENT_CHANNELS = 4
-INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1  # noisy latent, inpainting mask, canvas latent
+from lightning_modules.diffusion_module import EMAConfig, OptimizerConfig
+from lightning_modules.inpainting import INPAINT_CHANNELS, InpaintingControlNetModule
+from lightning_modules.sampling import SamplerConfig
 
 
-class Outpainter(LatentDiffusionModule):
+class Outpainter(InpaintingControlNetModule):
     """SD UNet + ControlNet on the full-body skeleton; the canvas (hands, grey elsewhere) and
     the inpainting mask (1 where to paint, i.e. outside the hands) enter as SD-inpainting
     input channels ``[z_t, mask, z_canvas]``.
@@ -52,35 +47,26 @@ class Outpainter(LatentDiffusionModule):
     ):
         super().__init__(
             components=components,
+            controlnet_channels=INPAINT_CHANNELS,
+            widen_unet=canvas_input == "inpainting_unet",
+            train_unet=train_unet,
+            controlnet=controlnet,
+            conditioning_scale=conditioning_scale,
+            caption_dropout=caption_dropout,
             optimizer=optimizer,
             sampler=sampler,
             ema=ema,
-            caption_dropout=caption_dropout,
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
         )
         self.blend = blend if isinstance(blend, BlendConfig) else BlendConfig(**(blend or {}))
-        if canvas_input == "inpainting_unet":
-            widen_conv_in(self.unet, INPAINT_CHANNELS)
-        self.conditioning = ControlNetPoseConditioning(
-            conditioning_scale, pretrained=controlnet, in_channels=INPAINT_CHANNELS
-        )
-        self.conditioning.attach(self.unet)
-        if gradient_checkpointing:
-            self.conditioning.controlnet.enable_gradient_checkpointing()
-        if not train_unet:
-            self.freeze("unet")
 
     def inpaint_inputs(self, canvas: torch.Tensor, hand_mask: torch.Tensor, size) -> tuple:
         """Canvas ``[B, 3, H, W]`` in [-1, 1] and known-region mask ``[B, 1, H, W]`` -> the
         inpainting channels: mask to paint ``[B, 1, h, w]`` and canvas latent ``[B, 4, h, w]``."""
         paint = 1 - F.interpolate(hand_mask.float(), size=size, mode="area")
         return paint, self.encode_images(canvas, sample=False)
-
-    def forward(self, noisy, timesteps, text, pose, paint, canvas_latents) -> torch.Tensor:
-        x = torch.cat([noisy, paint.to(noisy), canvas_latents.to(noisy)], dim=1)
-        return self.conditioning.predict(self.unet, x, timesteps, text, pose)
 
     def losses(self, batch: dict, train: bool, generator: torch.Generator | None = None):
         latents = self.encode_images(batch["image"], generator=generator)
@@ -112,39 +98,27 @@ class Outpainter(LatentDiffusionModule):
         [-1, 1], known-region masks ``[B, 1, H, W]`` -> images ``[B, 3, H, W]`` in [0, 1].
         ``blend`` (default: the module's) schedules the blended masks from the pixel mask and
         optionally pastes the canvas back in pixel space."""
-        cfg = self.sampler_config
-        steps = num_inference_steps or cfg.num_inference_steps
-        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        negative = cfg.negative_prompt if negative_prompt is None else negative_prompt
-        b, _, height, width = pose_images.shape
+        height, width = pose_images.shape[-2:]
         size = (height // self.vae_scale, width // self.vae_scale)
+        blend = blend or self.blend
         with self.ema_weights():
-            pose = pose_images.to(self.device)
             paint, canvas_latents = self.inpaint_inputs(
                 canvases.to(self.device), hand_masks.to(self.device), size
             )
-            text = self.encode_prompts(list(prompts))
-            if scale > 1.0:
-                text = torch.cat([self.encode_prompts([negative] * b), text])
-            twice = (lambda t: torch.cat([t, t])) if scale > 1.0 else (lambda t: t)
-            noise = randn_tensor(
-                (b, LATENT_CHANNELS, *size), generator=generator, device=self.device
-            )
-            sampling_scheduler = self.sampling_scheduler(scheduler)
-            blend = blend or self.blend
-            blender = LatentBlender(
-                sampling_scheduler, canvas_latents, hand_masks, blend, generator=generator
-            )
-            latents = denoise(
-                sampling_scheduler,
-                lambda x, t: self(x, t, text, twice(pose), twice(paint), twice(canvas_latents)),
-                noise,
-                steps,
-                scale,
-                generator=generator,
-                eta=cfg.eta,
-                progress=progress,
-                after_step=blender,
+            latents = self.sample_inpainting(
+                pose_images.to(self.device),
+                paint,
+                canvas_latents,
+                canvas_latents,
+                hand_masks,
+                prompts,
+                blend,
+                num_inference_steps,
+                guidance_scale,
+                generator,
+                scheduler,
+                negative_prompt,
+                progress,
             )
             images = self.decode_latents(latents)
         if blend.paste_back_feather is not None:

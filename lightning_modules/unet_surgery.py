@@ -53,3 +53,26 @@ def widen_conv_out(unet: UNet2DConditionModel, out_channels: int) -> UNet2DCondi
     unet.conv_out = _widened(unet.conv_out, unet.conv_out.in_channels, out_channels)
     unet.register_to_config(out_channels=out_channels)
     return unet
+
+
+def narrow_conv_in(net: UNet2DConditionModel | ControlNetModel, in_channels: int):
+    """Keep only the first ``in_channels`` inputs of ``conv_in`` (in place): a ControlNet
+    built from a 9-channel inpainting UNet that should read the noisy latent alone (the
+    layout of a depth ControlNet trained for plain SD) keeps the latent's weights."""
+    current = net.conv_in.in_channels
+    if current == in_channels:
+        return net
+    if current < in_channels:
+        raise ValueError(f"conv_in has {current} inputs, cannot narrow to {in_channels}")
+    conv = net.conv_in
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        bias=conv.bias is not None,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[:, :in_channels])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    net.conv_in = new
+    net.register_to_config(in_channels=in_channels)
+    return net
