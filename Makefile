@@ -9,11 +9,12 @@ CONFIG_EVAL ?= experiments/eval/metrics_tiny.yaml
 CONFIG_OUTPAINT ?= experiments/outpaint/tiny.yaml
 CONFIG_HUMANSD ?= experiments/humansd/tiny.yaml
 CONFIG_CONTROLNET ?= experiments/controlnet/tiny.yaml
+CONFIG_REFINER ?= experiments/refiner/tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -47,6 +48,9 @@ train-humansd: $(SYNTHETIC)/.done ## train the HumanSD baseline (CONFIG_HUMANSD=
 
 train-controlnet: $(SYNTHETIC)/.done ## train the ControlNet pose baseline (CONFIG_CONTROLNET=..., ARGS=...)
 	$(PY) -m experiments.run fit $(CONFIG_CONTROLNET) $(ARGS)
+
+train-refiner: $(SYNTHETIC)/.done ## train HandRefiner's depth ControlNet (CONFIG_REFINER=..., ARGS=...)
+	$(PY) -m experiments.run fit $(CONFIG_REFINER) $(ARGS)
 
 sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
 	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)

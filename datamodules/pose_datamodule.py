@@ -49,7 +49,9 @@ def not_done(key: str, done_dir: Path | None) -> bool:
 class PoseRecords:
     """Samples -> generation records: ``{"key", "people", "caption"}`` letterboxed to
     ``resolution``, or with ``hand_crops`` one ``{"key", "pose_image", "caption"}`` per visible
-    hand; ``keys`` and ``done_dir`` leave samples out (a subset, work already done)."""
+    hand; ``keys`` and ``done_dir`` leave samples out (a subset, work already done);
+    ``with_image`` adds the letterboxed photo as ``image`` ``[R, R, 3]`` uint8 (HandRefiner
+    repairing the real images)."""
 
     def __init__(
         self,
@@ -57,11 +59,13 @@ class PoseRecords:
         keys: frozenset[str] | None,
         done_dir: Path | None,
         hand_crops: HandCropConfig | None,
+        with_image: bool = False,
     ):
         self.resolution = resolution
         self.keys = keys
         self.done_dir = done_dir
         self.hand_crops = hand_crops
+        self.with_image = with_image
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter | None) -> Iterator[dict]:
         for sample in samples:
@@ -69,8 +73,9 @@ class PoseRecords:
                 continue
             if self.hand_crops is None:
                 if not_done(sample.key, self.done_dir):
-                    _, _, people = letterbox(sample, self.resolution)
-                    yield {"key": sample.key, "people": people, "caption": sample.caption}
+                    pixels, _, people = letterbox(sample, self.resolution)
+                    record = {"key": sample.key, "people": people, "caption": sample.caption}
+                    yield {**record, "image": pixels} if self.with_image else record
                 continue
             for crop in hand_examples(sample, False, random.Random(0), self.hand_crops):
                 if isinstance(crop, dict) and not_done(crop["hand_key"], self.done_dir):
@@ -106,8 +111,10 @@ class PoseDataModule(L.LightningDataModule):
         keys: Sequence[str] | None = None,
         skip_done: str | None = None,
         hand_crops: HandCropConfig | dict | None = None,
+        with_image: bool = False,
     ):
         super().__init__()
+        self.with_image = with_image
         self.urls = expand_shards(shards)
         check_shards(self.urls)
         self.keys = frozenset(keys) if keys is not None else None
@@ -124,7 +131,9 @@ class PoseDataModule(L.LightningDataModule):
         check_split(self.urls, world, self.num_workers, "shards")
         pipeline = sample_pipeline(
             self.urls,
-            PoseRecords(self.resolution, self.keys, self.skip_done, self.hand_crops),
+            PoseRecords(
+                self.resolution, self.keys, self.skip_done, self.hand_crops, self.with_image
+            ),
             seed=0,
             shuffle=False,
             resampled=False,

@@ -254,10 +254,18 @@ def evaluate_method(
     images = out / method / "images"
     overrides = container.get("train_overrides") or []
     seed = container.get("seed", 0)
+    base = (node.get("params") or {}).get("base_method")
+    extra, recorded = {}, node
+    if base:
+        # a post-step (HandRefiner) works on the base method's images: its record holds the
+        # base's, so new base images make its own images stale too
+        extra["base_images"] = str(out / base / "images")
+        base_record = json.loads((out / base / "images" / "generation.json").read_text())
+        recorded = {**node, "base_generation": base_record}
     checkpoints = check_generation(
-        method, node, images, overrides, eval_set.regenerate_changed, seed
+        method, recorded, images, overrides, eval_set.regenerate_changed, seed
     )
-    predictor = make(node, out_dir=str(images), seed=container.get("seed", 0))
+    predictor = make(node, out_dir=str(images), seed=container.get("seed", 0), **extra)
     predictor.timing_runs = eval_set.timing_runs
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
     data = predictor.prediction_datamodule(
@@ -371,11 +379,29 @@ def write_tables(
             writer.writerow([method, *(row.get(c, "") for c in columns)])
 
 
+def check_base_methods(methods: dict[str, dict]) -> None:
+    """A method with ``params.base_method`` (a post-step such as HandRefiner) needs that method
+    evaluated before it in the same config."""
+    earlier: list[str] = []
+    for method, node in methods.items():
+        params = node.get("params") or {}
+        base = params.get("base_method")
+        if base is not None and base not in earlier:
+            raise ConfigError(
+                f"methods.{method}.params.base_method={base!r}: no such method before it "
+                f"(earlier methods: {', '.join(earlier) or 'none'})"
+            )
+        if base is not None and "base_images" in params:
+            raise ConfigError(f"methods.{method}.params: set base_method or base_images, not both")
+        earlier.append(method)
+
+
 def evaluate(container: dict) -> dict[str, dict]:
     """Run a loaded evaluation config; returns method -> results (on every rank)."""
     name = container["name"]
     eval_set = EvalSet(**container["eval_set"])
     methods = {m: node for m, node in container["methods"].items() if node is not None}
+    check_base_methods(methods)
     out = Path("results") / name
     L.seed_everything(container.get("seed", 0), workers=True)
     ensure_trained(methods, container.get("train_overrides") or [])

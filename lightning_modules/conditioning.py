@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
@@ -104,6 +105,17 @@ class ControlNetPoseConditioning(PoseConditioning):
             self.controlnet = ControlNetModel.from_unet(unet)
         if self.in_channels:
             widen_conv_in(self.controlnet, self.in_channels)
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float | None) -> Iterator[None]:
+        """Run with another conditioning scale (HandRefiner's control strength); ``None``
+        keeps the configured one."""
+        kept = self.conditioning_scale
+        self.conditioning_scale = kept if scale is None else scale
+        try:
+            yield
+        finally:
+            self.conditioning_scale = kept
 
     def encode(self, pose_image, vae_encode):
         return pose_image

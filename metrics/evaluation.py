@@ -33,7 +33,9 @@ COLUMNS = (
     ("kid_h_mean", False, 10), ("pck@0.2", True, 100), ("hand_mpjpe", False, 100),
     ("hand_mpjpe_px", False, 1), ("detection_rate", True, 100), ("hand_confidence", True, 100),
     ("stage1_detection_rate", True, 100),
-    ("stage1_error_rel", False, 100), ("seconds_per_image", False, 1),
+    ("stage1_error_rel", False, 100), ("refiner_detected_before", True, 100),
+    ("refiner_detected_after", True, 100), ("refiner_error_before_px", False, 1),
+    ("refiner_error_after_px", False, 1), ("seconds_per_image", False, 1),
     ("seconds_per_image_batch1", False, 1),
 )  # fmt: skip
 

@@ -58,13 +58,21 @@ def triangle_depth(tri: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarra
 
 
 def render_hand_depth(
-    keypoints: np.ndarray, size: tuple[int, int], radius_fraction: float = 0.06
+    keypoints: np.ndarray,
+    size: tuple[int, int],
+    radius_fraction: float = 0.06,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw depth ``[H, W]`` (inf where no hand) of one hand's keypoints ``[21, 3]`` (x, y in
     pixels, z relative depth in pixels, smaller nearer) in a ``size`` (width, height) image:
-    capsules of radius ``radius_fraction`` x the hand's size along the bones, and the palm."""
+    capsules of radius ``radius_fraction`` x the hand's size along the bones, and the palm.
+    ``valid`` ``[21]`` bool: bones and palm triangles touching another keypoint are left out
+    (a dataset's unlabelled keypoints)."""
     width, height = size
-    xy = keypoints[:, :2]
+    valid = np.ones(len(keypoints), bool) if valid is None else np.asarray(valid, bool)
+    xy = keypoints[valid, :2]
+    if len(xy) == 0:
+        return np.full((height, width), np.inf)
     extent = float(np.ptp(xy, 0).max()) if len(xy) else 0.0
     radius = max(radius_fraction * extent, 1.0)
     lo = np.floor(np.maximum(xy.min(0) - radius - 1, 0)).astype(int)
@@ -75,9 +83,11 @@ def render_hand_depth(
     ys, xs = np.mgrid[lo[1] : hi[1], lo[0] : hi[0]] + 0.5
     region = np.full(xs.shape, np.inf)
     for i, j in BONES:
-        region = np.minimum(region, capsule_depth(keypoints[i], keypoints[j], radius, xs, ys))
+        if valid[i] and valid[j]:
+            region = np.minimum(region, capsule_depth(keypoints[i], keypoints[j], radius, xs, ys))
     for tri in PALM:
-        region = np.minimum(region, triangle_depth(keypoints[list(tri)], xs, ys))
+        if valid[list(tri)].all():
+            region = np.minimum(region, triangle_depth(keypoints[list(tri)], xs, ys))
     depth[lo[1] : hi[1], lo[0] : hi[0]] = region
     return depth
 
@@ -124,6 +134,35 @@ class HandDepth:
     mask: np.ndarray  # [H, W] bool: the region to inpaint (:func:`refiner_mask`)
 
 
+def hand_depth(
+    keypoints: np.ndarray,
+    side: str,
+    size: tuple[int, int],
+    score: float = 1.0,
+    radius_fraction: float = 0.06,
+    min_padding: int = 30,
+    valid: np.ndarray | None = None,
+) -> HandDepth:
+    """One hand's :class:`HandDepth` from its keypoints ``[21, 3]`` (x, y px, relative z) in a
+    ``size`` (width, height) image; ``valid`` ``[21]``: the keypoints to use."""
+    valid = np.ones(len(keypoints), bool) if valid is None else np.asarray(valid, bool)
+    depth = normalise_depth(render_hand_depth(keypoints, size, radius_fraction, valid))
+    mask = refiner_mask(depth, keypoints[valid], min_padding)
+    return HandDepth(keypoints, side, score, depth, mask)
+
+
+def combine_hands(hands: list[HandDepth], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One depth map ``[H, W]`` and mask ``[H, W]`` bool for all ``hands`` of an image: as the
+    release does, hands are drawn farthest first (by the middle finger's knuckle, keypoint 9)
+    so a nearer hand's depth overwrites a farther one's; the masks are united."""
+    width, height = size
+    depth, mask = np.zeros((height, width)), np.zeros((height, width), bool)
+    for hand in sorted(hands, key=lambda h: -float(h.keypoints[9, 2])):
+        depth = np.where(hand.depth > 0, hand.depth, depth)
+        mask |= hand.mask
+    return depth, mask
+
+
 class HandDepthEstimator(Protocol):
     """``estimator(image)``: every hand of an RGB ``[H, W, 3]`` uint8 image with its depth map
     and inpainting mask (an empty list: no hand, the image is left as it is)."""
@@ -135,7 +174,8 @@ class LandmarkHandDepth:
     """The offline default: MediaPipe Hands' 21 landmarks with their relative z (the wheel's
     models; HandRefiner's detection settings: 2 hands, detection and presence confidence 0.6),
     rendered by :func:`render_hand_depth` and normalised per hand as HandRefiner does. The
-    high-fidelity alternative is a mesh model's rendered depth behind the same protocol."""
+    high-fidelity alternative is a mesh model's rendered depth behind the same protocol
+    (:class:`~pose_estimation.mesh_hand_depth.MeshHandDepth`)."""
 
     def __init__(
         self,
@@ -154,10 +194,14 @@ class LandmarkHandDepth:
 
     def __call__(self, image: np.ndarray) -> list[HandDepth]:
         height, width = image.shape[:2]
-        out = []
-        for hand in self.finder(image):
-            xyz = np.concatenate([hand.keypoints[:, :2], hand.depth[:, None]], 1)
-            depth = normalise_depth(render_hand_depth(xyz, (width, height), self.radius_fraction))
-            mask = refiner_mask(depth, xyz, self.min_padding)
-            out.append(HandDepth(xyz, hand.side, hand.score, depth, mask))
-        return out
+        return [
+            hand_depth(
+                np.concatenate([hand.keypoints[:, :2], hand.depth[:, None]], 1),
+                hand.side,
+                (width, height),
+                hand.score,
+                self.radius_fraction,
+                self.min_padding,
+            )
+            for hand in self.finder(image)
+        ]

@@ -109,3 +109,74 @@ def test_landmark_depth_of_a_real_hand_covers_it_and_its_mask_contains_it():
         assert hand.mask[int(y), int(x)]
     assert not hand.mask[0, 0]
     assert LandmarkHandDepth()(np.zeros((64, 64, 3), np.uint8)) == []  # no hand: nothing
+
+
+def mesh_model(path, vertices: np.ndarray, size: int = 32) -> str:
+    """An ONNX "mesh model" whose output is ``vertices`` ``[1, V, 3]`` whatever the crop."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Add", ["value", "nothing"], ["vertices"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mesh",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, (1, 3, size, size))],
+        [helper.make_tensor_value_info("vertices", TensorProto.FLOAT, vertices.shape)],
+        [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+         numpy_helper.from_array(vertices.astype(np.float32), "value")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mesh_depth_crops_as_released_mirrors_left_hands_and_rasterises_the_mesh(tmp_path, side):
+    from pose_estimation.mediapipe_hands import Hand
+    from pose_estimation.mesh_hand_depth import MeshHandDepth, released_crop
+
+    keypoints = np.zeros((21, 3))
+    keypoints[:, 0] = np.linspace(20, 40, 21)
+    keypoints[:, 1] = np.linspace(10, 30, 21)
+    # box 20 x 20 px -> side int(20 * 1.6) // 2 * 2 = 32, centred on (30, 20)
+    assert released_crop(keypoints) == (14, 4, 32)
+    triangle = np.array([[[2.0, 2.0, 0.0], [14.0, 2.0, 0.0], [2.0, 14.0, 6.0]]])
+    np.save(tmp_path / "faces.npy", np.array([[0, 1, 2]]))
+    finder = lambda image: [Hand(keypoints, 0.9, side, np.zeros(21))]  # noqa: E731
+    estimator = MeshHandDepth(
+        mesh_model(tmp_path / "mesh.onnx", triangle), str(tmp_path / "faces.npy"),
+        min_padding=2, finder=finder,
+    )  # fmt: skip
+    crops = []
+    run = estimator.vertices
+    estimator.vertices = lambda crop: (crops.append(crop), run(crop))[1]
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, :30] = 200  # bright left half: a mirrored crop has it on the right
+    (hand,) = estimator(image)
+    # right: vertices at crop (2, 2), (14, 2), (2, 14) -> image (16, 6), (28, 6), (16, 18);
+    # left: mirrored in the crop (x -> 32 - x) -> image (44, 6), (32, 6), (44, 18)
+    near_col, far_col = (17, 25) if side == "right" else (43, 35)
+    # z rises from 0 on the first row of pixel centres (y = 6.5) to 6 at y = 18: nearest 1.0
+    assert hand.depth[6, near_col] == pytest.approx(1.0)
+    assert hand.depth[6, far_col] == pytest.approx(1.0)
+    assert hand.depth[7, far_col] > 0
+    assert hand.depth[16, near_col] < 0.4  # towards the z = 6 vertex: farther
+    assert hand.depth[7, 60 - near_col] == 0
+    bright_left = crops[0][:, :10].mean() > crops[0][:, -10:].mean()
+    assert bright_left == (side == "right")
+    assert hand.mask[7, near_col] and hand.mask[30, 40] and not hand.mask[50, 5]
+
+
+def test_mesh_depth_refuses_missing_files_and_pickled_faces(tmp_path):
+    from pose_estimation.mesh_hand_depth import MeshHandDepth
+
+    with pytest.raises(FileNotFoundError, match=r"model='nowhere\.onnx'"):
+        MeshHandDepth("nowhere.onnx", "faces.npy", finder=lambda image: [])
+    model = mesh_model(tmp_path / "m.onnx", np.zeros((1, 3, 3)))
+    np.save(tmp_path / "faces.npy", np.array([{"faces": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        MeshHandDepth(model, str(tmp_path / "faces.npy"), finder=lambda image: [])
