@@ -23,7 +23,11 @@ from experiments.config import load_config as load_any_config
 from experiments.evaluate import evaluate, load_config, required_training
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("two_stage", "hand_generator", "humansd", "controlnet", "plain_sd")
+METHODS = (
+    *("two_stage", "hand_generator", "humansd", "controlnet", "plain_sd"),
+    *("plain_sd_refined", "controlnet_refined", "two_stage_refined", "handrefiner"),
+)
+WHOLE = [m for m in METHODS if m != "hand_generator"]
 CONFIG_KEYS = {"two_stage": ("hand_config", "outpaint_config")}
 
 
@@ -101,20 +105,59 @@ def test_every_method_is_generated_scored_and_tabulated(evaluated):
     table = (out / "results.md").read_text()
     assert "| fid ↓ |" in table and "100·ap ↑" in table and "seconds_per_image ↓" in table
     lines = table.splitlines()
-    assert [line.split(" | ")[0] for line in lines[4:9]] == [f"| {m}" for m in METHODS]
+    assert [line.split(" | ")[0] for line in lines[4 : 4 + len(METHODS)]] == [
+        f"| {m}" for m in METHODS
+    ]
     assert "- two_stage: hand_mask=predicted" in lines
     with (out / "results.csv").open() as file:
         csv_rows = list(csv.DictReader(file))
     assert [r["method"] for r in csv_rows] == list(METHODS)
     assert float(csv_rows[2]["fid"]) == pytest.approx(rows["humansd"]["fid"])
-    # grid: 4 poses x (skeleton, real, 4 whole-image methods) at 128 px with 2 px padding,
+    # grid: 4 poses x (skeleton, real, 8 whole-image methods) at 128 px with 2 px padding,
     # under a 16 px strip naming the columns
     grid = np.asarray(Image.open(out / "comparison.png"))
-    assert grid.shape[:2] == (16 + 4 * 130 + 2, 6 * 130 + 2)
+    assert grid.shape[:2] == (16 + 4 * 130 + 2, 10 * 130 + 2)
     assert (grid[:16, 2:128] < 128).any()  # text in the first column's label
     # the checkpoints each method loaded, with their digests (two_stage loads two)
     assert set(record["checkpoints"]["two_stage"]) == {"hand_ckpt", "outpaint_ckpt"}
     assert all(len(c["digest"]) == 64 for c in record["checkpoints"]["two_stage"].values())
+
+
+def test_handrefiner_rows_repair_their_base_methods_images_and_nothing_else(evaluated):
+    workdir, _, rows = evaluated
+    out = workdir / "results/eval/test"
+    record = json.loads((out / "results.json").read_text())
+    assert record["method_settings"]["two_stage_refined"] == {
+        "depth": "pose", "strength": "0.55", "base": "two_stage",
+    }  # fmt: skip
+    for method, base in (("two_stage_refined", "two_stage"), ("plain_sd_refined", "plain_sd")):
+        assert rows[method]["refined_fraction"] > 0.5
+        generation = json.loads((out / method / "images/generation.json").read_text())
+        assert generation["method"]["base_generation"]["method"]["target"].endswith(
+            "TwoStagePredictor" if base == "two_stage" else "MethodPredictor"
+        )
+        reports = [json.loads(line) for line in (out / method / "images/report-rank0.jsonl").open()]
+        refined = 0
+        for report in reports:
+            key = report["key"]
+            before = np.asarray(Image.open(out / base / "images" / f"{key}.png"))
+            after = np.asarray(Image.open(out / method / "images" / f"{key}.png"))
+            side = np.asarray(
+                Image.open(out / method / f"images/intermediate/{key}_depth_mask.png")
+            )
+            mask = side[:, before.shape[1] :, 0] > 127
+            assert np.array_equal(after[~mask], before[~mask])  # bit for bit outside the mask
+            if report["refined"]:
+                refined += 1
+                assert (after[mask] != before[mask]).any()
+                assert all(h["status"] in ("refined", "skipped") for h in report["hands"])
+                assert report["check"]["hands"] >= 1
+            else:
+                assert np.array_equal(after, before)
+        assert refined == round(rows[method]["refined_fraction"] * len(reports))
+    # the refiner on its own repaints the real photos' hands
+    assert rows["handrefiner"]["refined_fraction"] > 0.5
+    assert "refiner_detected_before" in rows["handrefiner"]
 
 
 def test_tensorboard_has_a_run_per_method_with_scalars_and_hparams(evaluated):
@@ -127,8 +170,7 @@ def test_tensorboard_has_a_run_per_method_with_scalars_and_hparams(evaluated):
         assert fid == pytest.approx(rows[method]["fid"], rel=1e-5)
         assert "_hparams_/session_start_info" in run.summary_metadata
     grid = EventAccumulator(str(workdir / "logs/eval/test/comparison")).Reload()
-    assert grid.Tags()["images"] == ["comparison/skeleton | real | two_stage | humansd | "
-                                     "controlnet | plain_sd"]  # fmt: skip
+    assert grid.Tags()["images"] == ["comparison/" + " | ".join(["skeleton", "real", *WHOLE])]
 
 
 def test_a_rerun_resumes_and_regenerates_only_what_is_missing(evaluated, monkeypatch):
@@ -256,7 +298,7 @@ def test_ablation_variants_change_one_thing(variant, key, value):
 
 def test_every_ablation_config_is_valid():
     configs = sorted((ROOT / "experiments/ablations").glob("*.yaml"))
-    assert len(configs) == 4
+    assert len(configs) == 5
     for path in configs:
         cfg = load_config([str(path)])
         assert len(cfg["methods"]) >= 3 and cfg["name"] == f"ablations/{path.stem}"
