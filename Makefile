@@ -14,7 +14,7 @@ ARGS ?=
 SYNTHETIC := data/synthetic
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo refine
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -80,6 +80,10 @@ PROMPT ?= a person waving, full body photo
 METHODS ?= two_stage
 sample: $(SYNTHETIC)/.done ## images from one pose (methods of CONFIG_METHODS): POSE=pose.json|PHOTO=img|SKELETON=img PROMPT="..." METHODS="two_stage humansd" (trains tiny methods if missing)
 	$(PY) -m experiments.sample $(if $(PHOTO),--photo "$(PHOTO)",$(if $(SKELETON),--skeleton "$(SKELETON)",--pose "$(POSE)")) --prompt "$(PROMPT)" --methods $(METHODS) --config $(CONFIG_METHODS) $(ARGS)
+
+refine: $(SYNTHETIC)/.done ## repair the hands of a folder of images with HandRefiner: IMAGES=dir PROMPT="..." [ARGS="--out dir --strength adaptive"] (trains the tiny refiner if missing)
+	@test -n "$(IMAGES)" || { echo 'usage: make refine IMAGES=DIR PROMPT="..." [ARGS=...]'; exit 2; }
+	$(PY) -m experiments.refine --images "$(IMAGES)" --prompt "$(PROMPT)" $(ARGS)
 
 demo: $(SYNTHETIC)/.done ## local web demo: methods side by side from a pose (http://127.0.0.1:7860)
 	$(PY) -m experiments.demo --config $(CONFIG_METHODS) $(ARGS)

@@ -23,6 +23,7 @@ from pose_estimation.hand_depth import HandDepth, LandmarkHandDepth, combine_han
 from pose_estimation.mediapipe_people import MediaPipePeople
 
 DepthSource = Literal["pose", "landmarks", "mesh"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # the release keeps the first strength whose error is below this factor x the error at 1.0
 ADAPTIVE_TOLERANCE = 1.15
 
@@ -146,18 +147,26 @@ class RefinerPredictor(GenerationPredictor):
             return list(batch["image"]), list(batch["people"])
         images, people = [], []
         for key, persons in zip(batch["key"], batch["people"], strict=True):
-            file = inside(self.base_images, f"{key}.png")
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"base_images: {file} is missing: generate the base method's images first"
-                    + (f" (methods.{self.base_method})" if self.base_method else "")
-                )
-            with Image.open(file) as img:
-                image = np.asarray(img.convert("RGB"))
+            image = self.base_image(key)
             height, width = image.shape[:2]
             images.append(image)
             people.append(scaled_people(persons, width / self.resolution, height / self.resolution))
         return images, people
+
+    def base_image(self, key: str) -> np.ndarray:
+        """``<base_images>/<key>`` (.png, or .jpg/.jpeg/.webp) as RGB ``[H, W, 3]`` uint8."""
+        files = [inside(self.base_images, key + suffix) for suffix in IMAGE_SUFFIXES]
+        found = [f for f in files if f.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"base_images: {files[0]} is missing: generate the base method's images first"
+                + (f" (methods.{self.base_method})" if self.base_method else "")
+            )
+        try:
+            with Image.open(found[0]) as image:
+                return np.asarray(image.convert("RGB"))
+        except Exception as exc:  # PIL raises many types for unreadable files
+            raise ValueError(f"base_images: {found[0]} is not a readable image ({exc})") from None
 
     def hands_of(self, image: np.ndarray, people: list[Person]) -> tuple[list[HandDepth], list]:
         """Depth and mask of every hand to refine and a report entry per hand."""
@@ -178,6 +187,8 @@ class RefinerPredictor(GenerationPredictor):
                 "status": "not detected", "count": expected - len(hands),
                 "reason": f"{len(hands)} of {expected} conditioning hands detected",
             })  # fmt: skip
+        elif not hands:
+            report.append({"status": "not detected", "reason": "no hand found in the image"})
         return hands, report
 
     def refine(self, images, depths, masks, prompts, keys, strength) -> torch.Tensor:

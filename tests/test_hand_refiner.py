@@ -320,3 +320,51 @@ def test_a_post_step_needs_its_base_method_before_it():
     check_base_methods({"two_stage": {"target": "y"}, "refined": refined})
     with pytest.raises(ConfigError, match=r"methods\.refined\.params\.base_method='two_stage'"):
         check_base_methods({"refined": refined, "two_stage": {"target": "y"}})
+
+
+def test_refine_a_folder_reports_photos_without_hands_and_repairs_a_real_hand(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from experiments.refine import main
+
+    photos = Path(__file__).parent / "data" / "real_photos"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "panoptic_ex2_2_000040_l.jpg", folder / "hand.jpg")
+    blank = np.full((60, 90, 3), 128, np.uint8)  # not a multiple of 8, no hand
+    Image.fromarray(blank).save(folder / "blank.png")
+    out = tmp_path / "out"
+    config = str(Path(__file__).parents[1] / "experiments/refiner/tiny.yaml")
+    main([
+        "--images", str(folder), "--prompt", "a hand", "--out", str(out), "--config", config,
+        "--ckpt", "none", "--steps", "2",
+    ])  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out / "blank.png")), blank)
+    photo = np.asarray(Image.open(folder / "hand.jpg").convert("RGB"))
+    refined = np.asarray(Image.open(out / "hand.png"))
+    side = np.asarray(Image.open(out / "intermediate/hand_depth_mask.png"))
+    mask = side[:, photo.shape[1] :, 0] > 127
+    assert mask.any() and np.array_equal(refined[~mask], photo[~mask])
+    reports = {
+        r["key"]: r for r in map(json.loads, (out / "report-rank0.jsonl").read_text().splitlines())
+    }
+    assert reports["blank"]["refined"] is False
+    assert reports["blank"]["hands"] == [
+        {"status": "not detected", "reason": "no hand found in the image"}
+    ]
+    assert reports["hand"]["refined"] and reports["hand"]["hands"][0]["status"] == "refined"
+    assert reports["hand"]["hands"][0]["side"] == "left"  # the labelled side of this hand
+
+
+def test_refine_refuses_a_folder_without_images_and_unsafe_names(tmp_path, capsys):
+    from experiments.refine import main
+
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--prompt", "x"])
+    assert "no .png/.jpg/.jpeg/.webp image" in capsys.readouterr().err
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--prompt", "x"])
+    assert "a.jpg and a.png share a name" in capsys.readouterr().err
