@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     limit_threads()
     sampler = Sampler(args.config, args.out)
-    methods = args.methods or list(sampler.methods)
+    methods = args.methods or [m for m in sampler.methods if sampler.runnable(m)]
     print(f"images: {sampler.out_dir}/<method>/ (demo.png, demo_skeleton.png)")
     build_demo(sampler, methods).launch(server_name=args.host, server_port=args.port)
 

@@ -85,6 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strength", default=None, help="control strength or 'adaptive'")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps")
     parser.add_argument("--feather", type=float, default=None, help="px of paste-back ramp")
+    parser.add_argument(
+        "--min-padding", type=int, default=30, help="px of mask padding (the release's 30)"
+    )
+    parser.add_argument(
+        "--min-hand-size", type=float, default=16.0, help="px: smaller hands are left alone"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -110,12 +116,14 @@ def refine_folder(args: argparse.Namespace) -> Path:
     predictor = RefinerPredictor(
         args.config, ckpt, base_images=str(args.images), depth=args.depth,
         depth_params=depth_params, strength=strength, num_inference_steps=args.steps,
-        feather=args.feather, check_hands=False, out_dir=str(args.out), seed=args.seed,
+        feather=args.feather, min_padding=args.min_padding, min_hand_size=args.min_hand_size,
+        check_hands=False, out_dir=str(args.out), seed=args.seed,
         load_experiment=load_module,
     )  # fmt: skip
     if torch.cuda.is_available():
         predictor.to("cuda")
     predictor.on_predict_start()
+    (predictor.out_dir / "report-rank0.jsonl").unlink(missing_ok=True)  # this run's report
     for key in tqdm(keys, desc="refining", unit="image"):
         batch = {"key": [key], "people": [[]], "caption": [prompts[key]]}
         predictor.write_outputs(batch, predictor.sample_batch(batch))

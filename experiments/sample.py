@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.utils import save_image
 
@@ -174,10 +175,18 @@ class Sampler:
         """The method's predictor, loaded once, sampling with ``seed``."""
         if method not in self.methods:
             raise ConfigError(f"method {method!r}: the config has {sorted(self.methods)}")
+        if not self.runnable(method):
+            raise ConfigError(
+                f"method {method!r} repairs the evaluation set's own photos; for your images "
+                "use make refine IMAGES=DIR"
+            )
         if method not in self._predictors:
             ensure_trained({method: self.methods[method]}, self.train_overrides)
             node = self.methods[method]
-            predictor = make(node, out_dir=str(self.out_dir / method), seed=seed)
+            extra = {}
+            if self.base_of(method):  # a post-step (HandRefiner) reads its base's images
+                extra["base_images"] = str(self.out_dir / self.base_of(method))
+            predictor = make(node, out_dir=str(self.out_dir / method), seed=seed, **extra)
             predictor = predictor.to(self.device).eval()
             predictor.out_dir.mkdir(parents=True, exist_ok=True)
             self._predictors[method] = predictor
@@ -188,6 +197,16 @@ class Sampler:
     def takes_skeleton_images(self, method: str) -> bool:
         """Whether the method conditions on the skeleton image alone (no keypoints)."""
         return self.methods.get(method, {}).get("target", "").split(".")[-1] == IMAGE_ONLY_METHODS
+
+    def base_of(self, method: str) -> str | None:
+        """The method whose images a post-step method (HandRefiner) repairs, if any."""
+        return (self.methods.get(method, {}).get("params") or {}).get("base_method")
+
+    def runnable(self, method: str) -> bool:
+        """False for a refiner of the evaluation set's photos, which a pose does not give."""
+        node = self.methods.get(method, {})
+        refiner = node.get("target", "").endswith("RefinerPredictor")
+        return not refiner or self.base_of(method) is not None
 
     def __call__(
         self, method: str, pose: Pose, prompt: str, seed: int = 0, key: str = "sample"
@@ -203,6 +222,9 @@ class Sampler:
                 f"method {method!r} needs keypoints (it draws hands from them): give --pose or "
                 "--photo instead of a skeleton image"
             )
+        base = self.base_of(method)
+        if base is not None:
+            self(base, pose, prompt, seed, key)  # the images the post-step repairs
         predictor = self.predictor(method, seed)
         resolution = predictor.resolution
         if pose.skeleton is not None:  # letterboxed, as keypoints are
@@ -229,6 +251,9 @@ class Sampler:
                               for suffix in ("", "_skeleton", "_with_skeleton")))  # fmt: skip
             generated = torch.from_numpy(np.asarray(Image.open(out.image).convert("RGB")).copy())
             generated = generated.permute(2, 0, 1).float() / 255
+            if skeleton.shape[-2:] != generated.shape[-2:]:  # a post-step keeps its base's size
+                size = generated.shape[-2:]
+                skeleton = F.interpolate(skeleton[None].float(), size=size, mode="area")[0]
             save_image(skeleton.float(), out.skeleton)
             save_image(torch.cat([skeleton.float(), generated], -1), out.pair)
             written.append(out)

@@ -47,8 +47,9 @@ class HandRefiner(InpaintingControlNetModule):
     """SD-inpainting UNet (frozen) + depth ControlNet (trained).
 
     ``strength``: the ControlNet's scale at sampling (released default 0.55, README range
-    0.4-0.8; 1.0 copies the depth's flat texture). ``controlnet_channels``: 4, the noisy latent
-    only, as the released depth ControlNet; 9 lets it see the mask and masked image too.
+    0.4-0.8; 1.0 copies the depth's flat texture); training runs at 1.0, as released.
+    ``controlnet_channels``: 4, the noisy latent only, as the released depth ControlNet; 9
+    lets it see the mask and masked image too.
     ``feather``: px of alpha ramp inside the mask when pasting the refined region back (0: a
     hard paste).
 
@@ -77,7 +78,9 @@ class HandRefiner(InpaintingControlNetModule):
             controlnet_channels=controlnet_channels,
             train_unet=train_unet,
             controlnet=controlnet,
-            conditioning_scale=strength,
+            # trained at full strength (the release's control_scales = [1.0] * 13); the
+            # strength scales the residuals at sampling only
+            conditioning_scale=1.0,
             caption_dropout=caption_dropout,
             optimizer=optimizer,
             sampler=RELEASED_SAMPLER if sampler is None else sampler,
@@ -145,6 +148,7 @@ class HandRefiner(InpaintingControlNetModule):
         source = F.pad(images.to(device) * 2 - 1, pad, mode="replicate")
         control = self.control_image(F.pad(depths.to(device), pad))
         mask = F.pad(masks.to(device).float(), pad)
+        strength = self.strength if strength is None else strength
         with self.ema_weights(), self.conditioning.scaled(strength):
             known_latents = self.encode_images(source, sample=True, generator=generator)
             paint, masked_latents = self.inpaint_inputs(source, mask, generator)

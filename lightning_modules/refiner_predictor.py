@@ -60,6 +60,13 @@ def hand_errors(found: dict, given: np.ndarray) -> tuple[list[float], int]:
     return errors, len(errors)
 
 
+def target_keypoints(hand: HandDepth) -> np.ndarray:
+    """The keypoints a hand's depth was drawn from ``[21, 3]`` (x, y, 1 if labelled else 0),
+    what the adaptive strength measures the refined hand against."""
+    valid = np.ones(21, bool) if hand.valid is None else hand.valid
+    return np.concatenate([hand.keypoints[:, :2], valid[:, None].astype(float)], 1)
+
+
 class RefinerPredictor(GenerationPredictor):
     """HandRefiner over images: ``base_images`` (a folder of ``<key>.png``, e.g. another
     method's evaluation images; the harness fills it from ``base_method``) or, with neither,
@@ -92,6 +99,8 @@ class RefinerPredictor(GenerationPredictor):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         feather: float | None = None,
+        min_padding: int | None = None,
+        min_hand_size: float | None = None,
         check_hands: bool = True,
         out_dir: str = "results/refined",
         seed: int = 0,
@@ -100,6 +109,11 @@ class RefinerPredictor(GenerationPredictor):
         super().__init__(out_dir, seed, load_experiment)
         self.refiner, cfg = self.load(config, ckpt)
         self.data = RefinerDataConfig(**(cfg["data"]["params"].get("refiner") or {}))
+        # the refiner's training settings unless given (px of the refined images)
+        if min_padding is not None:
+            self.data.min_padding = min_padding
+        if min_hand_size is not None:
+            self.data.min_hand_size = min_hand_size
         self.resolution = self.data.resolution
         self.base_images = Path(base_images) if base_images else None
         self.base_method = base_method
@@ -130,7 +144,8 @@ class RefinerPredictor(GenerationPredictor):
             else None
         )
         self.check_hands = check_hands
-        self.settings = {"depth": depth, "strength": str(strength or self.refiner.strength)}
+        used = self.refiner.strength if strength is None else strength
+        self.settings = {"depth": depth, "strength": str(used)}
         if base_method:
             self.settings["base"] = base_method
 
@@ -179,15 +194,27 @@ class RefinerPredictor(GenerationPredictor):
             )  # fmt: skip
             report = [{"side": h.side, "status": "refined"} for h in hands]
             return hands, report + [{**s, "status": "skipped"} for s in skipped]
-        hands = self.estimator(image)
-        report = [{"side": h.side, "status": "refined", "score": h.score} for h in hands]
+        hands, report = [], []
+        for hand in self.estimator(image):
+            extent = float(np.ptp(hand.keypoints[:, :2], 0).max())
+            entry = {"side": hand.side, "score": hand.score}
+            if extent < self.data.min_hand_size:
+                reason = f"too small ({extent:.1f} px < {self.data.min_hand_size})"
+                report.append({**entry, "status": "skipped", "reason": reason})
+            elif not hand.depth.any():  # the release gives up on such an image
+                reason = "its depth map covers no pixel"
+                report.append({**entry, "status": "depth failed", "reason": reason})
+            else:
+                hands.append(hand)
+                report.append({**entry, "status": "refined"})
+        found = len(report)
         expected = len(given_hands(people))
-        if len(hands) < expected:
+        if found < expected:
             report.append({
-                "status": "not detected", "count": expected - len(hands),
-                "reason": f"{len(hands)} of {expected} conditioning hands detected",
+                "status": "not detected", "count": expected - found,
+                "reason": f"{found} of {expected} conditioning hands detected",
             })  # fmt: skip
-        elif not hands:
+        elif not found:
             report.append({"status": "not detected", "reason": "no hand found in the image"})
         return hands, report
 
@@ -249,15 +276,13 @@ class RefinerPredictor(GenerationPredictor):
             prompts = [batch["caption"][i] for i in group]
             keys = [batch["key"][i] for i in group]
             if self.strength == "adaptive":
-                targets = [
-                    np.array([h.keypoints[:, :2] for h in plans[i][0]]).reshape(-1, 21, 2)
-                    for i in group
-                ]
-                targets = [np.concatenate([t, np.ones((*t.shape[:2], 1))], -1) for t in targets]
+                targets = [np.array([target_keypoints(h) for h in plans[i][0]]) for i in group]
                 refined, used = self.adaptive(x, d, m, prompts, keys, targets)
             else:
                 refined = self.refine(x, d, m, prompts, keys, self.strength)
-                used = [self.strength or self.refiner.strength] * len(group)
+                used = [self.refiner.strength if self.strength is None else self.strength] * len(
+                    group
+                )
             for j, i in enumerate(group):
                 outputs[i], strengths[i] = refined[j].cpu(), used[j]
         return {
@@ -302,12 +327,16 @@ class RefinerPredictor(GenerationPredictor):
     def summary(self) -> dict[str, float]:
         """Timings; the fraction of images refined; MediaPipe's hand keypoint error (px, over
         the hands found) and detection rate of the conditioning hands, before and after."""
-        records = [
-            json.loads(line)
+        # a key written twice (a run killed between its report and its image, then resumed)
+        # counts once, with its last record
+        by_key = {
+            record["key"]: record
             for file in sorted(self.out_dir.glob("report-rank*.jsonl"))
             for line in file.read_text().splitlines()
             if line.strip()
-        ]
+            for record in [json.loads(line)]
+        }
+        records = list(by_key.values())
         out = super().summary()
         if not records:
             return out

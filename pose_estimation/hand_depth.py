@@ -130,8 +130,9 @@ class HandDepth:
     keypoints: np.ndarray  # [21, 3] x, y in image pixels and relative depth z (smaller nearer)
     side: str  # the person's "left" | "right"
     score: float
-    depth: np.ndarray  # [H, W] normalised depth of this hand (0 elsewhere)
+    depth: np.ndarray  # [H, W] normalised depth of this hand (0 elsewhere; all 0: it failed)
     mask: np.ndarray  # [H, W] bool: the region to inpaint (:func:`refiner_mask`)
+    valid: np.ndarray | None = None  # [21] bool: the labelled keypoints (None: all)
 
 
 def hand_depth(
@@ -148,7 +149,7 @@ def hand_depth(
     valid = np.ones(len(keypoints), bool) if valid is None else np.asarray(valid, bool)
     depth = normalise_depth(render_hand_depth(keypoints, size, radius_fraction, valid))
     mask = refiner_mask(depth, keypoints[valid], min_padding)
-    return HandDepth(keypoints, side, score, depth, mask)
+    return HandDepth(keypoints, side, score, depth, mask, valid)
 
 
 def combine_hands(hands: list[HandDepth], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -2,12 +2,13 @@
 high-fidelity :class:`~pose_estimation.hand_depth.HandDepthEstimator` of HandRefiner.
 
 The crop follows HandRefiner's released ``preprocessor/meshgraphormer.py``: around each hand
-MediaPipe finds, a square of side ``(max(w, h) * 1.6) // 2 * 2`` px centred on the landmark
-box, on the image zero-padded (pixels outside it are black); left hands mirrored, since the
-mesh models reconstruct right hands (MANO's right hand); resized to the model's input size and
-normalised with ImageNet's mean and standard deviation. Its mesh is rasterised with a z-buffer
-(the nearest face per pixel), mirrored back, mapped to the image and normalised as the release
-does (:func:`~pose_estimation.hand_depth.normalise_depth`); the mask is
+MediaPipe finds, a square of side ``(max(w, h) * 1.6) // 2 * 2`` px centred on the integer
+landmark box (:func:`released_crop`), on the image zero-padded (pixels outside it are black);
+left hands mirrored, since the mesh models reconstruct right hands (MANO's right hand); resized
+to the model's input size (bicubic when enlarging, area when shrinking) and normalised with
+ImageNet's mean and standard deviation. Its mesh is rasterised with a z-buffer (the nearest
+face per pixel), mirrored back, mapped to the image and normalised as the release does
+(:func:`~pose_estimation.hand_depth.normalise_depth`); the mask is
 :func:`~pose_estimation.hand_depth.refiner_mask` over the depth and the landmarks.
 
 The ONNX contract (what an export script for a given model must produce): one input
@@ -37,13 +38,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def released_crop(keypoints: np.ndarray) -> tuple[int, int, int]:
-    """``(x0, y0, side)`` of the square crop around a hand's landmarks ``[21, >=2]`` (px): side
-    ``(max(w, h) * 1.6) // 2 * 2`` centred on the landmark box (may extend past the image)."""
-    lo, hi = keypoints[:, :2].min(0), keypoints[:, :2].max(0)
-    side = max(int(max(hi - lo) * 1.6) // 2 * 2, 2)
-    cx, cy = (lo + hi) / 2
-    return round(cx - side / 2), round(cy - side / 2), side
+def released_crop(keypoints: np.ndarray, size: tuple[int, int]) -> tuple[int, int, int]:
+    """``(x0, y0, side)`` of the square crop around a hand's landmarks ``[21, >=2]`` (px) in a
+    ``size`` (width, height) image, as the release computes it on the image zero-padded by
+    half its size: integer landmark box, centre ``(min + max) // 2``, side ``(max(w, h) * 1.6)
+    // 2 * 2``, first pixel ``centre - side / 2 + 1`` (may lie outside the image)."""
+    width, height = size
+    x_min, y_min = (int(v) for v in keypoints[:, :2].min(0))
+    x_max, y_max = (int(v) for v in keypoints[:, :2].max(0))
+    side = int(max(x_max - x_min, y_max - y_min) * 1.6) // 2 * 2
+    x_c, y_c = (x_min + x_max) // 2, (y_min + y_max) // 2
+    x0 = int(x_c - (side / 2 - 1) + width / 2) - int(width / 2)
+    y0 = int(y_c - (side / 2 - 1) + height / 2) - int(height / 2)
+    return x0, y0, max(side, 2)
 
 
 def cut_square(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
@@ -131,12 +138,14 @@ class MeshHandDepth:
         s = self.input_size
         out = []
         for hand in self.finder(image):
-            x0, y0, side = released_crop(hand.keypoints)
+            x0, y0, side = released_crop(hand.keypoints, (width, height))
             crop = cut_square(image, x0, y0, side)
             left = hand.side == "left"
             if left:
                 crop = crop[:, ::-1]
-            crop = cv2.resize(np.ascontiguousarray(crop), (s, s), interpolation=cv2.INTER_LINEAR)
+            # the release's interpolation: bicubic when enlarging, area when shrinking
+            interpolation = cv2.INTER_CUBIC if side < s else cv2.INTER_AREA
+            crop = cv2.resize(np.ascontiguousarray(crop), (s, s), interpolation=interpolation)
             v = self.vertices(crop)
             if left:
                 v[:, 0] = s - v[:, 0]

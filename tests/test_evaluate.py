@@ -130,12 +130,13 @@ def test_handrefiner_rows_repair_their_base_methods_images_and_nothing_else(eval
     assert record["method_settings"]["two_stage_refined"] == {
         "depth": "pose", "strength": "0.55", "base": "two_stage",
     }  # fmt: skip
-    for method, base in (("two_stage_refined", "two_stage"), ("plain_sd_refined", "plain_sd")):
+    for method, base in (("two_stage_refined", "two_stage"), ("controlnet_refined", "controlnet")):
         assert rows[method]["refined_fraction"] > 0.5
         generation = json.loads((out / method / "images/generation.json").read_text())
         assert generation["method"]["base_generation"]["method"]["target"].endswith(
             "TwoStagePredictor" if base == "two_stage" else "MethodPredictor"
         )
+        assert generation["method"]["base_generation"]["checkpoints"]
         reports = [json.loads(line) for line in (out / method / "images/report-rank0.jsonl").open()]
         refined = 0
         for report in reports:

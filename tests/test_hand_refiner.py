@@ -17,6 +17,7 @@ from datamodules.refiner_datamodule import RefinerDataConfig, people_hand_depths
 from datamodules.schema import Person, decode_sample
 from experiments.config import ConfigError
 from experiments.evaluate import check_base_methods
+from lightning_modules.blending import BlendConfig
 from lightning_modules.hand_refiner import HandRefiner
 from lightning_modules.refiner_predictor import RefinerPredictor
 from pose_estimation.hand_depth import combine_hands, hand_depth
@@ -46,7 +47,7 @@ def test_unet_takes_nine_channels_and_the_controlnet_the_noisy_latent_only(refin
     assert refiner.unet.config.in_channels == 9
     net = refiner.conditioning.controlnet
     assert net.config.in_channels == 4
-    # built from the 4-channel UNet before it was widened: the latent weights are the UNet's
+    # built from the widened UNet and cut to its first 4 inputs: the latent's weights
     reference = ControlNetModel.from_unet(HandRefiner({"tiny": True}).unet)
     assert torch.equal(
         reference.conv_in.weight[:, :4],
@@ -138,7 +139,8 @@ def test_strength_scales_the_depth_controlnet(refiner):
     # at strength 0 the ControlNet's residuals are multiplied by 0: the depth cannot matter
     assert torch.allclose(run(flat, 0.0), run(bumpy, 0.0), atol=1e-6)
     assert not torch.allclose(run(flat, 1.0), run(bumpy, 1.0), atol=1e-3)
-    assert refiner.conditioning.conditioning_scale == refiner.strength == 0.55
+    # trained at full strength as released; 0.55 is the sampling default
+    assert refiner.conditioning.conditioning_scale == 1.0 and refiner.strength == 0.55
 
 
 def test_training_step_gives_gradients_to_the_controlnet_only():
@@ -368,3 +370,73 @@ def test_refine_refuses_a_folder_without_images_and_unsafe_names(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--prompt", "x"])
     assert "a.jpg and a.png share a name" in capsys.readouterr().err
+
+
+def test_the_known_region_is_kept_in_latent_space_too(refiner):
+    """Without the pixel paste-back: after the last step the latents equal the source latent
+    where the mask is 0 and were denoised where it is 1."""
+    gen = torch.Generator().manual_seed(0)
+    known = torch.randn(1, 4, 8, 8, generator=gen)
+    paint = torch.zeros(1, 1, 8, 8)
+    paint[..., 2:6, 3:7] = 1
+    latents = refiner.sample_inpainting(
+        torch.rand(1, 3, 64, 64), paint, known * (1 - paint), known, 1 - paint, ["x"],
+        BlendConfig(mode="fixed"), generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    keep = (paint == 0).expand_as(known)
+    assert torch.equal(latents[keep], known[keep])
+    assert (latents[~keep] - known[~keep]).abs().min() > 0
+
+
+class StandInDepth:
+    """Hands a depth estimator might return: a normal one, a tiny one, one whose depth failed."""
+
+    def __call__(self, image):
+        size = (image.shape[1], image.shape[0])
+        kp = np.zeros((21, 3))
+        kp[:, 0], kp[:, 1] = np.linspace(10, 40, 21), np.linspace(10, 40, 21)
+        good = hand_depth(kp, "right", size, 0.9, min_padding=4)
+        tiny = kp.copy()
+        tiny[:, :2] = 50 + tiny[:, :2] / 30
+        small = hand_depth(tiny, "left", size, 0.8, min_padding=4)
+        failed = hand_depth(kp, "left", size, 0.7, min_padding=4)
+        failed.depth[:] = 0
+        return [good, small, failed]
+
+
+def test_detected_hands_too_small_or_without_depth_are_reported_not_refined(refiner, tmp_path):
+    write_base(tmp_path / "base", "k", np.full((64, 64, 3), 100, np.uint8))
+    predictor = RefinerPredictor(
+        "cfg", base_images=str(tmp_path / "base"), depth="landmarks", check_hands=False,
+        out_dir=str(tmp_path / "out"), num_inference_steps=2, load_experiment=loader_for(refiner),
+    )  # fmt: skip
+    predictor.estimator = StandInDepth()
+    out = predictor.sample_batch({"key": ["k"], "people": [[]], "caption": ["p"]})
+    statuses = [(h["side"], h["status"]) for h in out["reports"][0]]
+    assert statuses == [("right", "refined"), ("left", "skipped"), ("left", "depth failed")]
+    assert out["reports"][0][1]["reason"] == "too small (1.0 px < 4.0)"
+    assert out["strengths"] == [0.55]
+
+
+def test_sample_and_demo_run_a_post_step_after_its_base(tmp_path, synthetic_dir, monkeypatch):
+    from pathlib import Path
+
+    from experiments.sample import Pose, Sampler
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    sampler = Sampler(
+        "experiments/eval/tiny.yaml", str(tmp_path),
+        ["methods.controlnet_refined.params.ckpt=null", "methods.controlnet.params.ckpt=null",
+         "methods.controlnet_refined.params.num_inference_steps=2",
+         "methods.controlnet.params.num_inference_steps=2"],
+    )  # fmt: skip
+    assert not sampler.runnable("handrefiner") and sampler.runnable("two_stage_refined")
+    hand = np.array([[40 + (i % 5) * 6, 40 + (i // 5) * 6, 2] for i in range(21)], float)
+    pose = Pose([Person([20, 20, 90, 90], np.zeros((17, 3)), None, hand)], (128, 128))
+    (out,) = sampler("controlnet_refined", pose, "a hand", key="k")
+    base = np.asarray(Image.open(tmp_path / "controlnet" / "k.png"))
+    refined = np.asarray(Image.open(out.image))
+    assert base.shape == refined.shape and not np.array_equal(base, refined)
+    with pytest.raises(ConfigError, match="use make refine"):
+        sampler("handrefiner", pose, "a hand", key="k")
