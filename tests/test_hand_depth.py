@@ -142,8 +142,9 @@ def test_mesh_depth_crops_as_released_mirrors_left_hands_and_rasterises_the_mesh
     keypoints = np.zeros((21, 3))
     keypoints[:, 0] = np.linspace(20, 40, 21)
     keypoints[:, 1] = np.linspace(10, 30, 21)
-    # box 20 x 20 px -> side int(20 * 1.6) // 2 * 2 = 32, centred on (30, 20)
-    assert released_crop(keypoints) == (14, 4, 32)
+    # integer box 20..40 x 10..30 -> side int(20 * 1.6) // 2 * 2 = 32, centre (30, 20), first
+    # pixel centre - (side / 2 - 1) = (15, 5)
+    assert released_crop(keypoints, (64, 64)) == (15, 5, 32)
     triangle = np.array([[[2.0, 2.0, 0.0], [14.0, 2.0, 0.0], [2.0, 14.0, 6.0]]])
     np.save(tmp_path / "faces.npy", np.array([[0, 1, 2]]))
     finder = lambda image: [Hand(keypoints, 0.9, side, np.zeros(21))]  # noqa: E731
@@ -157,15 +158,14 @@ def test_mesh_depth_crops_as_released_mirrors_left_hands_and_rasterises_the_mesh
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, :30] = 200  # bright left half: a mirrored crop has it on the right
     (hand,) = estimator(image)
-    # right: vertices at crop (2, 2), (14, 2), (2, 14) -> image (16, 6), (28, 6), (16, 18);
-    # left: mirrored in the crop (x -> 32 - x) -> image (44, 6), (32, 6), (44, 18)
-    near_col, far_col = (17, 25) if side == "right" else (43, 35)
-    # z rises from 0 on the first row of pixel centres (y = 6.5) to 6 at y = 18: nearest 1.0
-    assert hand.depth[6, near_col] == pytest.approx(1.0)
-    assert hand.depth[6, far_col] == pytest.approx(1.0)
-    assert hand.depth[7, far_col] > 0
+    # right: vertices at crop (2, 2), (14, 2), (2, 14) -> image (17, 7), (29, 7), (17, 19);
+    # left: mirrored in the crop (x -> 32 - x) -> image (45, 7), (33, 7), (45, 19)
+    near_col, far_col = (18, 26) if side == "right" else (43, 35)
+    # z rises from 0 on the first row of pixel centres (y = 7.5) to 6 at y = 19: nearest 1.0
+    assert hand.depth[7, near_col] == pytest.approx(1.0)
+    assert hand.depth[7, far_col] == pytest.approx(1.0)
     assert hand.depth[16, near_col] < 0.4  # towards the z = 6 vertex: farther
-    assert hand.depth[7, 60 - near_col] == 0
+    assert hand.depth[8, 61 - near_col] == 0  # the other side of the crop stays empty
     bright_left = crops[0][:, :10].mean() > crops[0][:, -10:].mean()
     assert bright_left == (side == "right")
     assert hand.mask[7, near_col] and hand.mask[30, 40] and not hand.mask[50, 5]
