@@ -10,11 +10,14 @@ CONFIG_OUTPAINT ?= experiments/outpaint/tiny.yaml
 CONFIG_HUMANSD ?= experiments/humansd/tiny.yaml
 CONFIG_CONTROLNET ?= experiments/controlnet/tiny.yaml
 CONFIG_REFINER ?= experiments/refiner/tiny.yaml
+CONFIG_LORA ?= experiments/lora/tiny.yaml
+CONFIG_TI ?= experiments/textual_inversion/tiny.yaml
 ARGS ?=
 SYNTHETIC := data/synthetic
+MALFORMED := data/synthetic_malformed
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo refine
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner train-lora train-ti synthetic-malformed sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo refine
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -37,6 +40,12 @@ $(SYNTHETIC)/.done: $(STAMP) datamodules/synthetic.py
 
 synthetic: $(SYNTHETIC)/.done ## build the built-in synthetic shards (data/synthetic)
 
+$(MALFORMED)/.done: $(STAMP) datamodules/synthetic.py
+	$(PY) -m datamodules.synthetic --out $(MALFORMED) --n 16 --val 8 --per-shard 16 --seed 1 --malformed
+	touch $@
+
+synthetic-malformed: $(MALFORMED)/.done ## synthetic people with extra fingers (data/synthetic_malformed), for negative embeddings
+
 train-hand: $(SYNTHETIC)/.done ## train the stage-1 hand generator (CONFIG=..., ARGS="key=value ...")
 	$(PY) -m experiments.run fit $(CONFIG) $(ARGS)
 
@@ -51,6 +60,12 @@ train-controlnet: $(SYNTHETIC)/.done ## train the ControlNet pose baseline (CONF
 
 train-refiner: $(SYNTHETIC)/.done ## train HandRefiner's depth ControlNet (CONFIG_REFINER=..., ARGS=...)
 	$(PY) -m experiments.run fit $(CONFIG_REFINER) $(ARGS)
+
+train-lora: $(SYNTHETIC)/.done ## train a hand LoRA on frozen SD (CONFIG_LORA=..., ARGS=...)
+	$(PY) -m experiments.run fit $(CONFIG_LORA) $(ARGS)
+
+train-ti: $(SYNTHETIC)/.done $(MALFORMED)/.done ## textual inversion of a hand token (CONFIG_TI=...; negative embedding: CONFIG_TI=experiments/textual_inversion/negative_tiny.yaml)
+	$(PY) -m experiments.run fit $(CONFIG_TI) $(ARGS)
 
 sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
 	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)
@@ -78,14 +93,14 @@ CONFIG_METHODS ?= experiments/eval/tiny.yaml
 POSE ?= docs/examples/pose.json
 PROMPT ?= a person waving, full body photo
 METHODS ?= two_stage
-sample: $(SYNTHETIC)/.done ## images from one pose (methods of CONFIG_METHODS): POSE=pose.json|PHOTO=img|SKELETON=img PROMPT="..." METHODS="two_stage humansd" (trains tiny methods if missing)
+sample: $(SYNTHETIC)/.done $(MALFORMED)/.done ## images from one pose (methods of CONFIG_METHODS): POSE=pose.json|PHOTO=img|SKELETON=img PROMPT="..." METHODS="two_stage humansd" (trains tiny methods if missing)
 	$(PY) -m experiments.sample $(if $(PHOTO),--photo "$(PHOTO)",$(if $(SKELETON),--skeleton "$(SKELETON)",--pose "$(POSE)")) --prompt "$(PROMPT)" --methods $(METHODS) --config $(CONFIG_METHODS) $(ARGS)
 
 refine: $(SYNTHETIC)/.done ## repair the hands of a folder of images with HandRefiner: IMAGES=dir PROMPT="..." [ARGS="--out dir --strength adaptive"] (trains the tiny refiner if missing)
 	@test -n "$(IMAGES)" || { echo 'usage: make refine IMAGES=DIR PROMPT="..." [ARGS=...]'; exit 2; }
 	$(PY) -m experiments.refine --images "$(IMAGES)" --prompt "$(PROMPT)" $(ARGS)
 
-demo: $(SYNTHETIC)/.done ## local web demo: methods side by side from a pose (http://127.0.0.1:7860)
+demo: $(SYNTHETIC)/.done $(MALFORMED)/.done ## local web demo: methods side by side from a pose (http://127.0.0.1:7860)
 	$(PY) -m experiments.demo --config $(CONFIG_METHODS) $(ARGS)
 
 bench-pose: install ## person/hand recall and attribution of the annotator on real photos (SAMPLES=../shared/real_samples)
@@ -102,13 +117,14 @@ lint: install ## ruff check + format check
 clean: ## remove logs, results, exports, synthetic data and caches (keeps .venv)
 	rm -rf logs data results exports .pytest_cache .ruff_cache
 
-# CONFIG given on the command line picks the evaluation; otherwise the tiny one
-EVAL_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),experiments/eval/tiny.yaml)
+# CONFIG given on the command line picks the evaluation; otherwise the tiny one and its
+# forgetting check (the hand fixes on prompts without hands)
+EVAL_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),experiments/eval/tiny.yaml experiments/eval/forgetting_tiny.yaml)
 
-eval: $(SYNTHETIC)/.done ## every method on the same poses/prompts/seeds -> results/<name>/ table + TensorBoard (CONFIG=experiments/eval/<name>.yaml, ARGS=...)
-	$(PY) -m experiments.evaluate $(EVAL_CONFIG) $(ARGS)
+eval: $(SYNTHETIC)/.done $(MALFORMED)/.done ## every method on the same poses/prompts/seeds -> results/<name>/ table + TensorBoard (CONFIG=experiments/eval/<name>.yaml, ARGS=...)
+	for config in $(EVAL_CONFIG); do $(PY) -m experiments.evaluate $$config $(ARGS) || exit 1; done
 
-ablations: $(SYNTHETIC)/.done ## every config of experiments/ablations/ (trains the tiny variants if missing)
+ablations: $(SYNTHETIC)/.done $(MALFORMED)/.done ## every config of experiments/ablations/ (trains the tiny variants if missing)
 	for config in experiments/ablations/*.yaml; do $(PY) -m experiments.evaluate $$config $(ARGS) || exit 1; done
 
 eval-metrics: $(SYNTHETIC)/.done ## score generated vs real images (CONFIG_EVAL=..., ARGS="key=value ...")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -164,6 +164,13 @@ def collate_records(records: list[dict]) -> dict:
     }
 
 
+def with_caption(sample: Sample, captions: Mapping[str, str] | None) -> Sample:
+    """``sample`` with its caption replaced by ``captions[key]`` when given."""
+    if captions is None or sample.key not in captions:
+        return sample
+    return replace(sample, caption=captions[sample.key])
+
+
 class _ShardRecords:
     def __init__(
         self,
@@ -171,15 +178,18 @@ class _ShardRecords:
         fit: Fit,
         keys: frozenset[str] | None,
         hand_crops: HandCropConfig | None,
+        captions: Mapping[str, str] | None = None,
     ):
         self.resolution = resolution
         self.fit = fit
         self.keys = keys
         self.hand_crops = hand_crops
+        self.captions = captions
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[dict]:
         for s in samples:
             if self.keys is None or s.key in self.keys:
+                s = with_caption(s, self.captions)
                 for unit in units(s, self.resolution, self.fit, self.hand_crops):
                     yield to_record(*unit)
 
@@ -205,6 +215,7 @@ def read_conditions(
     fit: Fit = "stretch",
     keys: frozenset[str] | None = None,
     hand_crops: HandCropConfig | None = None,
+    captions: Mapping[str, str] | None = None,
 ) -> Conditions:
     """Key -> (caption, body, hands, hand areas, category) of every evaluation unit of the
     valid samples in ``urls`` (pixels are not kept)."""
@@ -213,15 +224,25 @@ def read_conditions(
         key: conditions
         for s in validated_samples(raw, SkipCounter())
         if keys is None or s.key in keys
-        for key, _, *conditions in units(s, resolution, fit, hand_crops)
+        for key, _, *conditions in units(with_caption(s, captions), resolution, fit, hand_crops)
     }
+
+
+def image_files(folder: str | os.PathLike, what: str) -> list[str]:
+    """The images of a folder, sorted; refused when there is none."""
+    files = sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{what}={str(folder)!r}: no .png/.jpg images")
+    return files
 
 
 class EvaluationDataModule(L.LightningDataModule):
     """``test_dataloader()`` returns ``[generated, real]`` loaders of :func:`collate_records`
-    batches. ``generated`` is a shard pattern or a folder of images named by sample key, whose
-    conditions are read from ``conditions`` (default: ``real``); ``keys`` restricts both the
-    real samples and the conditions to a subset."""
+    batches. ``generated`` (and ``real``) are shard patterns or folders of images named by
+    sample key, whose conditions are read from ``conditions`` (default: ``real``); ``keys``
+    restricts both the real samples and the conditions to a subset; ``captions`` (key ->
+    prompt) replaces the samples' captions (an evaluation's own prompt set). A folder as
+    ``real`` is another method's images: the reference of a forgetting check."""
 
     def __init__(
         self,
@@ -234,19 +255,24 @@ class EvaluationDataModule(L.LightningDataModule):
         keys: Sequence[str] | None = None,
         hand_crops: HandCropConfig | dict | None = None,
         conditions: str | Sequence[str] | None = None,
+        captions: Mapping[str, str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["keys"])
-        self.real_urls = expand_shards(real)
+        self.save_hyperparameters(logger=False, ignore=["keys", "captions"])
+        self.real_folder = isinstance(real, str | os.PathLike) and os.path.isdir(real)
+        if self.real_folder:
+            if not conditions:
+                raise ValueError("real is a folder of images: give conditions (the shards)")
+            self.real_files = image_files(real, "real")
+            self.real_urls = []
+        else:
+            self.real_urls = expand_shards(real)
         self.condition_urls = expand_shards(conditions) if conditions else self.real_urls
         check_shards(self.real_urls + self.condition_urls)
+        self.captions = captions
         self.folder = os.path.isdir(generated)
         if self.folder:
-            self.generated_files = sorted(
-                str(p) for p in Path(generated).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not self.generated_files:
-                raise FileNotFoundError(f"generated={generated!r}: no .png/.jpg images")
+            self.generated_files = image_files(generated, "generated")
         else:
             self.generated_urls = expand_shards(generated)
             check_shards(self.generated_urls)
@@ -262,7 +288,7 @@ class EvaluationDataModule(L.LightningDataModule):
     def _shard_loader(self, urls: list[str], what: str, keys: frozenset[str] | None) -> DataLoader:
         world = self.trainer.world_size if self.trainer else 1
         check_split(urls, world, self.num_workers, what)
-        records = _ShardRecords(self.resolution, self.fit, keys, self.hand_crops)
+        records = _ShardRecords(self.resolution, self.fit, keys, self.hand_crops, self.captions)
         pipeline = sample_pipeline(urls, records, seed=0, shuffle=False, resampled=False)
         return self._loader(pipeline)
 
@@ -274,20 +300,30 @@ class EvaluationDataModule(L.LightningDataModule):
             collate_fn=collate_records,
         )
 
+    def _folder_loader(self, files: list[str], conditions: Conditions, what: str) -> DataLoader:
+        missing = [f for f in files if Path(f).stem not in conditions]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} {what} image(s) have no sample with their key in "
+                f"{self.condition_urls[0]}..., e.g. {missing[0]!r}"
+            )
+        return self._loader(FolderRecords(files, conditions, self.resolution))
+
     def test_dataloader(self) -> list[DataLoader]:
-        if self.folder:
+        conditions = None
+        if self.folder or self.real_folder:
             conditions = read_conditions(
-                self.condition_urls, self.resolution, self.fit, self.keys, self.hand_crops
-            )
-            missing = [f for f in self.generated_files if Path(f).stem not in conditions]
-            if missing:
-                raise KeyError(
-                    f"{len(missing)} generated image(s) have no sample with their key in "
-                    f"{self.condition_urls[0]}..., e.g. {missing[0]!r}"
-                )
-            generated = self._loader(
-                FolderRecords(self.generated_files, conditions, self.resolution)
-            )
+                self.condition_urls, self.resolution, self.fit, self.keys, self.hand_crops,
+                self.captions,
+            )  # fmt: skip
+        if self.folder:
+            generated = self._folder_loader(self.generated_files, conditions, "generated")
         else:
             generated = self._shard_loader(self.generated_urls, "generated", None)
-        return [generated, self._shard_loader(self.real_urls, "real", self.keys)]
+        if self.real_folder:
+            real = self._folder_loader(
+                [f for f in self.real_files if Path(f).stem in conditions], conditions, "real"
+            )
+        else:
+            real = self._shard_loader(self.real_urls, "real", self.keys)
+        return [generated, real]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -51,7 +52,8 @@ class PoseRecords:
     ``resolution``, or with ``hand_crops`` one ``{"key", "pose_image", "caption"}`` per visible
     hand; ``keys`` and ``done_dir`` leave samples out (a subset, work already done);
     ``with_image`` adds the letterboxed photo as ``image`` ``[R, R, 3]`` uint8 (HandRefiner
-    repairing the real images)."""
+    repairing the real images); ``captions`` (key -> prompt) replaces the samples' captions
+    (an evaluation's own prompt set)."""
 
     def __init__(
         self,
@@ -60,17 +62,21 @@ class PoseRecords:
         done_dir: Path | None,
         hand_crops: HandCropConfig | None,
         with_image: bool = False,
+        captions: Mapping[str, str] | None = None,
     ):
         self.resolution = resolution
         self.keys = keys
         self.done_dir = done_dir
         self.hand_crops = hand_crops
         self.with_image = with_image
+        self.captions = captions
 
     def __call__(self, samples: Iterable[Sample], counter: SkipCounter | None) -> Iterator[dict]:
         for sample in samples:
             if self.keys is not None and sample.key not in self.keys:
                 continue
+            if self.captions is not None and sample.key in self.captions:
+                sample = replace(sample, caption=self.captions[sample.key])
             if self.hand_crops is None:
                 if not_done(sample.key, self.done_dir):
                     pixels, _, people = letterbox(sample, self.resolution)
@@ -112,9 +118,11 @@ class PoseDataModule(L.LightningDataModule):
         skip_done: str | None = None,
         hand_crops: HandCropConfig | dict | None = None,
         with_image: bool = False,
+        captions: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.with_image = with_image
+        self.captions = captions
         self.urls = expand_shards(shards)
         check_shards(self.urls)
         self.keys = frozenset(keys) if keys is not None else None
@@ -132,7 +140,12 @@ class PoseDataModule(L.LightningDataModule):
         pipeline = sample_pipeline(
             self.urls,
             PoseRecords(
-                self.resolution, self.keys, self.skip_done, self.hand_crops, self.with_image
+                self.resolution,
+                self.keys,
+                self.skip_done,
+                self.hand_crops,
+                self.with_image,
+                self.captions,
             ),
             seed=0,
             shuffle=False,

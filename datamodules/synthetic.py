@@ -80,15 +80,36 @@ def hand_keypoints(
     return np.stack(points)
 
 
-def _draw_hand(canvas: np.ndarray, mask: np.ndarray, points: np.ndarray, skin, width: int):
+def extra_fingers(points: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """One or two extra fingers for a malformed hand: copies of random fingers (index to
+    pinky) turned by 0.3-0.6 rad about their knuckle, the "extra digit" of SD's bad hands."""
+    chains = []
+    for _ in range(rng.integers(1, 3)):
+        finger = int(rng.integers(1, 5))
+        chain = points[[1 + 4 * finger + j for j in range(4)]]
+        angle = rng.choice([-1, 1]) * rng.uniform(0.3, 0.6)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        chains.append(chain[0] + (chain - chain[0]) @ rotation.T)
+    return chains
+
+
+def _draw_hand(
+    canvas: np.ndarray,
+    mask: np.ndarray,
+    points: np.ndarray,
+    skin,
+    width: int,
+    extra: list[np.ndarray] = (),
+):
     palm = np.round(points[[0, 1, 5, 9, 13, 17]] * 16).astype(np.int32)
     hull = cv2.convexHull(palm)
+    chains = []
+    for finger in range(5):
+        chain = points[[1 + 4 * finger + j for j in range(4)]]
+        chains.append(np.concatenate([points[:1], chain]) if finger == 0 else chain)
     for target, color in ((canvas, skin), (mask, 255)):
         cv2.fillConvexPoly(target, hull, color, cv2.LINE_AA, shift=4)
-        for finger in range(5):
-            chain = points[[1 + 4 * finger + j for j in range(4)]]
-            if finger == 0:
-                chain = np.concatenate([points[:1], chain])
+        for chain in [*chains, *extra]:
             for a, b in itertools.pairwise(chain):
                 cv2.line(
                     target,
@@ -114,9 +135,12 @@ def _visibility(points: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def draw_person(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
+def draw_person(
+    rng: np.random.Generator, size: int = 256, malformed: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """One synthetic sample: RGB ``[size, size, 3]`` uint8, hand mask ``[size, size]`` uint8
-    (0/255), and the schema's json record."""
+    (0/255), and the schema's json record. ``malformed``: every hand is drawn with one or two
+    extra fingers (:func:`extra_fingers`; the keypoints stay those of the five-finger hand)."""
     top, bottom = rng.uniform(40, 120, 3), rng.uniform(40, 200, 3)
     ramp = np.linspace(0, 1, size)[:, None, None]
     canvas = np.ascontiguousarray(
@@ -181,7 +205,10 @@ def draw_person(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, 
     cv2.circle(canvas, head, int(height * 0.06 * 16), skin, -1, cv2.LINE_AA, 4)
     finger_width = max(2, int(_HAND * height * 0.14))
     for is_right in (False, True):
-        _draw_hand(canvas, mask, hands[is_right], skin, finger_width)
+        # a child stream: the default draws (annotations, caption) stay those of the
+        # well-formed sample
+        extra = extra_fingers(hands[is_right], rng.spawn(1)[0]) if malformed else []
+        _draw_hand(canvas, mask, hands[is_right], skin, finger_width, extra)
 
     person = {"body": _visibility(body, size)}
     x0, y0 = person["body"][:, :2][person["body"][:, 2] > 0].min(0)
@@ -201,6 +228,8 @@ def draw_person(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, 
         f"a photo of a {rng.choice(_WHO)} in {article} {shirt_name} {rng.choice(_TOPS)} "
         f"and {pants_name} trousers, {action}"
     )
+    if malformed:
+        caption += ", malformed hands with extra fingers"
     record = {
         "width": size,
         "height": size,
@@ -222,7 +251,13 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
 
 
 def write_shards(
-    out: str | os.PathLike, n: int, split: str, seed: int, size: int = 256, per_shard: int = 64
+    out: str | os.PathLike,
+    n: int,
+    split: str,
+    seed: int,
+    size: int = 256,
+    per_shard: int = 64,
+    malformed: bool = False,
 ) -> list[str]:
     """Write ``n`` samples as ``<out>/<split>-%06d.tar``; returns the shard paths."""
     out = Path(out)
@@ -230,7 +265,7 @@ def write_shards(
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in tqdm(range(n), desc=f"synthetic {split}", unit="sample", leave=False):
-            image, mask, record = draw_person(rng, size)
+            image, mask, record = draw_person(rng, size, malformed)
             key = f"{split}{i:07d}"
             # two alternating "scenes", so that per-category scores have categories to average
             record["source"] = {"dataset": "synthetic", "id": key, "category": f"scene{i % 2}"}
@@ -251,9 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--per-shard", type=int, default=64, help="samples per shard")
+    parser.add_argument(
+        "--malformed", action="store_true", help="hands with extra fingers (negative embeddings)"
+    )
     args = parser.parse_args(argv)
-    train = write_shards(args.out, args.n, "train", args.seed, args.size, args.per_shard)
-    val = write_shards(args.out, args.val, "val", args.seed, args.size, args.per_shard)
+    shape = (args.size, args.per_shard, args.malformed)
+    train = write_shards(args.out, args.n, "train", args.seed, *shape)
+    val = write_shards(args.out, args.val, "val", args.seed, *shape)
     print(
         f"wrote {args.n} train samples in {len(train)} shards and {args.val} val samples "
         f"in {len(val)} shards to {args.out}"

@@ -46,7 +46,12 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
-from datamodules.evaluation_datamodule import EvaluationDataModule, read_resized, select_subset
+from datamodules.evaluation_datamodule import (
+    EvaluationDataModule,
+    read_resized,
+    select_subset,
+    stable_id,
+)
 from datamodules.full_body_datamodule import FullBodyConfig, letterbox
 from datamodules.rendering import render_full_skeleton
 from datamodules.shards import SkipCounter, expand_shards, validated_samples
@@ -79,6 +84,25 @@ class EvalSet:
     # HumanSD's inference-time protocol: the first pose alone (batch 1), mean of this many
     # runs after a warm-up (seconds_per_image_batch1); 0 = off
     timing_runs: int = 0
+    # a text file of prompts (one per line) replacing the samples' captions, one per key by a
+    # stable hash: an evaluation's own prompt set (e.g. prompts without hands)
+    prompts: str | None = None
+    # a method of this config whose images are the FID/KID reference instead of the real
+    # images (the base model, for a forgetting check); it must come before the others
+    real_method: str | None = None
+
+
+def prompt_set(eval_set: EvalSet, keys: list[str]) -> dict[str, str] | None:
+    """Key -> prompt from ``eval_set.prompts`` (None without one)."""
+    if eval_set.prompts is None:
+        return None
+    path = Path(eval_set.prompts)
+    if not path.is_file():
+        raise ConfigError(f"eval_set.prompts={eval_set.prompts!r}: no such file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"eval_set.prompts={eval_set.prompts!r}: no prompt in it")
+    return {key: prompts[stable_id(key) % len(prompts)] for key in keys}
 
 
 def load_config(files: list[str], overrides: list[str] = ()):
@@ -246,7 +270,13 @@ def subset_keys(eval_set: EvalSet, out: Path) -> list[str]:
 
 
 def evaluate_method(
-    method: str, node: dict, container: dict, eval_set: EvalSet, keys: list[str], out: Path
+    method: str,
+    node: dict,
+    container: dict,
+    eval_set: EvalSet,
+    keys: list[str],
+    out: Path,
+    captions: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], bool, dict[str, str], dict[str, dict]]:
     """Generate the subset with one method (resumable), then score it; returns its row,
     whether it generates whole images (not hand crops), the predictor's settings that the
@@ -262,11 +292,15 @@ def evaluate_method(
         extra["base_images"] = str(out / base / "images")
         base_record = json.loads((out / base / "images" / "generation.json").read_text())
         recorded = {**node, "base_generation": base_record}
+    if captions is not None:  # other prompts, other images
+        digest = hashlib.sha256(json.dumps(captions, sort_keys=True).encode()).hexdigest()
+        recorded = {**recorded, "prompt_set": digest}
     checkpoints = check_generation(
         method, recorded, images, overrides, eval_set.regenerate_changed, seed
     )
     predictor = make(node, out_dir=str(images), seed=container.get("seed", 0), **extra)
     predictor.timing_runs = eval_set.timing_runs
+    predictor.captions = captions
     trainer = L.Trainer(**container["trainer"], logger=False, enable_checkpointing=False)
     data = predictor.prediction_datamodule(
         eval_set.shards, keys, eval_set.batch_size, eval_set.num_workers
@@ -281,14 +315,19 @@ def evaluate_method(
     params = {**(metrics.get("params") or {}), **scoring_metrics}
     params.update(results_dir=str(out / method), method=method)
     evaluator = instantiate({"target": metrics["target"], "params": params})
+    if eval_set.real_method:
+        real = str(out / eval_set.real_method / "images")
+    else:
+        real = eval_set.real or eval_set.shards
     datamodule = EvaluationDataModule(
         generated=str(images),
-        real=eval_set.real or eval_set.shards,
+        real=real,
         resolution=eval_set.resolution,
         batch_size=eval_set.batch_size,
         num_workers=eval_set.num_workers,
         keys=None if eval_set.real else keys,
         conditions=eval_set.shards,
+        captions=captions,
         **scoring_data,
     )
     logger = _logger(container, method)
@@ -402,15 +441,24 @@ def evaluate(container: dict) -> dict[str, dict]:
     eval_set = EvalSet(**container["eval_set"])
     methods = {m: node for m, node in container["methods"].items() if node is not None}
     check_base_methods(methods)
+    if eval_set.real_method is not None:
+        if eval_set.real_method != next(iter(methods), None):
+            raise ConfigError(
+                f"eval_set.real_method={eval_set.real_method!r}: must be the first method "
+                f"(the methods are {', '.join(methods)})"
+            )
+        if eval_set.real is not None:
+            raise ConfigError("eval_set: set real or real_method, not both")
     out = Path("results") / name
     L.seed_everything(container.get("seed", 0), workers=True)
     ensure_trained(methods, container.get("train_overrides") or [])
     keys = subset_keys(eval_set, out)
+    captions = prompt_set(eval_set, keys)
     rows, whole_images, settings, checkpoints = {}, [], {}, {}
     for method, node in methods.items():
         log.info("evaluating %s on %d poses", method, len(keys))
         rows[method], whole, settings[method], checkpoints[method] = evaluate_method(
-            method, node, container, eval_set, keys, out
+            method, node, container, eval_set, keys, out, captions
         )
         if whole:
             whole_images.append(method)

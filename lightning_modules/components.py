@@ -16,6 +16,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lightning_modules.lora import load_lora
+from lightning_modules.token_embeddings import load_embeddings
+
 
 @dataclass
 class ComponentsConfig:
@@ -25,6 +28,9 @@ class ComponentsConfig:
     layout with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``). ``unet``: optional folder
     of a UNet trained by handdiff (``make export``), replacing the pretrained one. ``tiny``:
     build small random components of the same architecture instead (tests, demo, CI).
+    ``lora``: a diffusers-format LoRA (``make train-lora`` + ``make export``, or any SD 1.5
+    LoRA) fused into the UNet and text encoder at ``lora_scale``; ``textual_inversion``:
+    learned embeddings (``learned_embeds.safetensors``) whose tokens prompts may then use.
     """
 
     pretrained: str | None = None
@@ -33,6 +39,9 @@ class ComponentsConfig:
     variant: str | None = None
     tiny: bool = False
     tiny_seed: int = 0
+    lora: str | None = None
+    lora_scale: float = 1.0
+    textual_inversion: list[str] | None = None
 
 
 @dataclass
@@ -193,4 +202,8 @@ def load_components(config: ComponentsConfig) -> DiffusionComponents:
         components.unet = UNet2DConditionModel.from_pretrained(
             resolve_pretrained(config.unet, "components.unet")
         )
+    if config.lora:
+        load_lora(config.lora, components.unet, components.text_encoder, config.lora_scale)
+    for path in config.textual_inversion or []:
+        load_embeddings(path, components.tokenizer, components.text_encoder)
     return components

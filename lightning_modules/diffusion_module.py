@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 
 from lightning_modules.components import ComponentsConfig, load_components
 from lightning_modules.sampling import SamplerConfig, make_scheduler
@@ -133,6 +133,9 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             # .to() of a module already in dtype is a no-op; any nn.Module works (a pose
             # network for HumanSD's W has no diffusers-style .dtype)
             getattr(self, name).to(dtype=dtype)
+            # what is trained inside a frozen network (LoRA adapters, new token embeddings)
+            # stays fp32, as diffusers' cast_training_params keeps it
+            cast_training_params(getattr(self, name), dtype=torch.float32)
 
     def configure_model(self) -> None:
         if self.compile_unet and not getattr(self, "_compiled", False):
@@ -162,11 +165,11 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         images = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Captions -> CLIP hidden states ``[B, 77, D]`` (fp32, like the latents: the frozen
         encoder may run in bf16, and a bf16 key beside an fp32 query breaks attention outside
-        autocast)."""
+        autocast). Gradients flow only when part of the text encoder is trained (LoRA,
+        textual inversion)."""
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -174,7 +177,11 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].float()
+        trains = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.text_encoder.parameters()
+        )
+        with torch.set_grad_enabled(trains):
+            return self.text_encoder(ids)[0].float()
 
     def drop_captions(
         self, captions: list[str], generator: torch.Generator | None = None
@@ -319,8 +326,12 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         return key.split(".", 1)[0] in self.frozen_modules
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what is trained inside a frozen network (adapters, new embeddings) is kept
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not self._is_frozen_key(k)
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if not self._is_frozen_key(k) or k in trained
         }
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -328,7 +339,9 @@ class LatentDiffusionModule(L.LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Frozen weights are not stored: take them from the freshly built components.
         own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if self._is_frozen_key(k)})
+        for key, value in own.items():
+            if self._is_frozen_key(key):
+                checkpoint["state_dict"].setdefault(key, value)
         if "ema" in checkpoint:
             if self.ema is None:
                 self._make_ema()

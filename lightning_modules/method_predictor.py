@@ -26,15 +26,22 @@ class MethodPredictor(GenerationPredictor):
         out_dir: str = "results/samples",
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        prompt_template: str = "{}",
         seed: int = 0,
         load_experiment: ExperimentLoader | None = None,
     ):
         super().__init__(out_dir, seed, load_experiment)
+        if "{}" not in prompt_template:
+            raise ValueError(f"prompt_template={prompt_template!r} needs a '{{}}' for the prompt")
         self.method, method_cfg = self.load(config, ckpt)
         self.body = FullBodyConfig(**(method_cfg["data"]["params"].get("body") or {}))
         self.resolution = self.body.resolution
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        # e.g. "{}, <hand>": a learned token added to every prompt (textual inversion)
+        self.prompt_template = prompt_template
+        if prompt_template != "{}":
+            self.settings = {"prompt": prompt_template}
 
     def pose_images(self, people: list) -> torch.Tensor:
         res, b = self.body.resolution, self.body
@@ -52,7 +59,7 @@ class MethodPredictor(GenerationPredictor):
         poses = batch["pose_image"] if "pose_image" in batch else self.pose_images(batch["people"])
         return self.method.sample(
             poses,
-            batch["caption"],
+            [self.prompt_template.format(c) for c in batch["caption"]],
             generator=self.generators(batch["key"]),
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,

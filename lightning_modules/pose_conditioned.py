@@ -6,6 +6,10 @@ Subclasses change the UNet's outputs or the loss through :meth:`loss_terms`.
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -13,7 +17,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.components import ComponentsConfig
 from lightning_modules.conditioning import build_conditioning
-from lightning_modules.diffusion_module import EMAConfig, LatentDiffusionModule, OptimizerConfig
+from lightning_modules.diffusion_module import (
+    EMAConfig,
+    LatentDiffusionModule,
+    OptimizerConfig,
+    as_config,
+)
+from lightning_modules.lora import LoRASettings, add_lora, save_lora
 from lightning_modules.sampling import SamplerConfig, denoise, pose_and_text_guidance
 
 LATENT_CHANNELS = 4
@@ -32,9 +42,14 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     (``sampler.pose_guidance_scale``, :func:`~lightning_modules.sampling.pose_and_text_guidance`),
     and one trained without them refuses that scale (its null pose was never learned).
 
+    ``lora``: train LoRA adapters (:mod:`lightning_modules.lora`) on the frozen UNet (and text
+    encoder) instead of the UNet itself; needs ``train_unet=False``. Exported in diffusers'
+    LoRA format.
+
     As configured by ``experiments/controlnet/*.yaml`` (``conditioning: controlnet``,
     ``train_unet: false``) this is the ControlNet pose baseline of diffusers' ControlNet
-    training example; by ``experiments/plain_sd/*.yaml`` the plain SD baseline.
+    training example; by ``experiments/plain_sd/*.yaml`` the plain SD baseline; by
+    ``experiments/lora/*.yaml`` the community's hand LoRA.
     """
 
     def __init__(
@@ -52,6 +67,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        lora: LoRASettings | dict | None = None,
     ):
         super().__init__(
             components=components,
@@ -63,6 +79,9 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
         )
+        self.lora = as_config(LoRASettings, lora) if lora is not None else None
+        if self.lora is not None and train_unet:
+            raise ValueError("lora trains adapters on a frozen UNet: set train_unet: false")
         self.pose_dropout = pose_dropout
         pose_scale = self.sampler_config.pose_guidance_scale
         if conditioning == "none" and (pose_dropout > 0 or pose_scale is not None):
@@ -84,6 +103,8 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         self.conditioning.attach(self.unet)
         if not train_unet:
             self.freeze("unet")
+        if self.lora is not None:
+            add_lora(self.unet, self.text_encoder, self.lora)
 
     def encode_pose(self, pose_image: torch.Tensor) -> torch.Tensor:
         """Skeleton ``[B, 3, H, W]`` in [0, 1] -> the UNet's pose condition."""
@@ -185,6 +206,19 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     def sample(self, pose_images: torch.Tensor, prompts: list[str], **kwargs) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] (keyword arguments as :meth:`generate`)."""
         return self.generate(pose_images, prompts, **kwargs)[0]
+
+    def export_diffusers(self, out_dir: str | os.PathLike) -> Path:
+        """With ``lora``: the adapters (EMA weights when on) as ``pytorch_lora_weights.
+        safetensors``, which ``StableDiffusionPipeline.load_lora_weights`` and handdiff's
+        ``components.lora`` load, and ``handdiff.json``; otherwise the UNet (see the base)."""
+        if self.lora is None:
+            return super().export_diffusers(out_dir)
+        out = Path(out_dir)
+        with self.ema_weights():
+            save_lora(out, self.unet, self.text_encoder, self.lora)
+        record = {"class": type(self).__qualname__, "lora": asdict(self.lora)}
+        (out / "handdiff.json").write_text(json.dumps(record, indent=2))
+        return out
 
     def log_images(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Grid columns: skeleton | sample | real."""

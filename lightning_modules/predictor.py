@@ -73,6 +73,8 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         self.timing_runs = 0
         # the hand generator predicts on hand crops (HandPredictor sets its crop settings)
         self.hand_crops: HandCropConfig | None = None
+        # key -> prompt replacing the samples' captions (an evaluation's own prompt set)
+        self.captions: dict[str, str] | None = None
         self._timed_batches = 0
         self._first_pose: dict | None = None
 
@@ -130,7 +132,7 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         """The poses to generate from, leaving out those already written."""
         return PoseDataModule(
             shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir),
-            self.hand_crops,
+            self.hand_crops, captions=self.captions,
         )  # fmt: skip
 
     def batch_for(self, sample: Sample) -> dict | None:

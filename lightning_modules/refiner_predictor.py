@@ -153,7 +153,7 @@ class RefinerPredictor(GenerationPredictor):
         """The samples' poses (and, without ``base_images``, their photos)."""
         return PoseDataModule(
             shards, self.resolution, batch_size, num_workers, keys, str(self.out_dir),
-            with_image=self.base_images is None,
+            with_image=self.base_images is None, captions=self.captions,
         )  # fmt: skip
 
     def inputs(self, batch: dict) -> tuple[list[np.ndarray], list[list[Person]]]:

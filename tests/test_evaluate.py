@@ -25,6 +25,7 @@ from experiments.evaluate import evaluate, load_config, required_training
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = (
     *("two_stage", "hand_generator", "humansd", "controlnet", "plain_sd"),
+    *("sd_hand_lora", "sd_hand_ti", "sd_negative_embedding"),
     *("plain_sd_refined", "controlnet_refined", "two_stage_refined", "handrefiner"),
 )
 WHOLE = [m for m in METHODS if m != "hand_generator"]
@@ -113,14 +114,60 @@ def test_every_method_is_generated_scored_and_tabulated(evaluated):
         csv_rows = list(csv.DictReader(file))
     assert [r["method"] for r in csv_rows] == list(METHODS)
     assert float(csv_rows[2]["fid"]) == pytest.approx(rows["humansd"]["fid"])
-    # grid: 4 poses x (skeleton, real, 8 whole-image methods) at 128 px with 2 px padding,
+    # grid: 4 poses x (skeleton, real, 11 whole-image methods) at 128 px with 2 px padding,
     # under a 16 px strip naming the columns
     grid = np.asarray(Image.open(out / "comparison.png"))
-    assert grid.shape[:2] == (16 + 4 * 130 + 2, 10 * 130 + 2)
+    assert grid.shape[:2] == (16 + 4 * 130 + 2, 13 * 130 + 2)
     assert (grid[:16, 2:128] < 128).any()  # text in the first column's label
     # the checkpoints each method loaded, with their digests (two_stage loads two)
     assert set(record["checkpoints"]["two_stage"]) == {"hand_ckpt", "outpaint_ckpt"}
     assert all(len(c["digest"]) == 64 for c in record["checkpoints"]["two_stage"].values())
+
+
+def test_forgetting_check_scores_the_hand_fixes_against_the_base_model_on_other_prompts(
+    evaluated, tmp_path_factory
+):
+    workdir, config, _ = evaluated
+    forgetting = yaml.safe_load((ROOT / "experiments/eval/forgetting_tiny.yaml").read_text())
+    test = yaml.safe_load(config.read_text())
+    methods = forgetting["methods"]
+    for node in methods.values():
+        node["params"]["num_inference_steps"] = 2
+        node["params"]["config"] = str(ROOT / node["params"]["config"])
+    path = workdir / "forgetting_test.yaml"
+    path.write_text(yaml.safe_dump({
+        "defaults": [str(ROOT / "experiments/eval/base/tiny.yaml")],
+        "name": "eval/forgetting_test",
+        "eval_set": {**test["eval_set"], "real_method": "plain_sd", "timing_runs": 0,
+                     "prompts": str(ROOT / "experiments/eval/prompts/no_hands.txt")},
+        "train_overrides": test["train_overrides"],
+        "methods": methods,
+        "metrics": forgetting["metrics"],
+    }, sort_keys=False))  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        rows = evaluate(load_config([str(path)]))
+    finally:
+        os.chdir(cwd)
+    assert list(rows) == ["plain_sd", "sd_hand_lora", "sd_hand_ti", "sd_negative_embedding"]
+    assert rows["plain_sd"]["fid"] == pytest.approx(0, abs=1e-6)  # the reference itself
+    out = workdir / "results/eval/forgetting_test"
+    base = {p.name: np.asarray(Image.open(p)) for p in (out / "plain_sd/images").glob("*.png")}
+    for method in ("sd_hand_lora", "sd_hand_ti", "sd_negative_embedding"):
+        assert rows[method]["fid"] > rows["plain_sd"]["fid"] and "clipsim" in rows[method]
+        assert "ap" not in rows[method]  # no people asked for, no pose metrics
+        changed = [
+            not np.array_equal(np.asarray(Image.open(out / method / "images" / name)), image)
+            for name, image in base.items()
+        ]
+        assert len(changed) == 8 and all(changed)
+    record = json.loads((out / "plain_sd/images/generation.json").read_text())
+    assert len(record["method"]["prompt_set"]) == 64
+    # the same key and seed with another prompt: another image than in the hand evaluation
+    key = sorted((out / "plain_sd/images").glob("*.png"))[0].name
+    hands = np.asarray(Image.open(workdir / "results/eval/test/plain_sd/images" / key))
+    assert not np.array_equal(np.asarray(Image.open(out / "plain_sd/images" / key)), hands)
 
 
 def test_handrefiner_rows_repair_their_base_methods_images_and_nothing_else(evaluated):
