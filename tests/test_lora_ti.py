@@ -60,7 +60,9 @@ def test_only_the_adapters_train_and_each_module_set_gets_its_rank(modules):
     assert changed and changed <= trainable and all("lora_" in n for n in trainable)
     assert any(n.startswith("text_encoder.") for n in changed)  # text encoder adapters too
     params = dict(model.named_parameters())
-    attention = params["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"]  # noqa: E501
+    attention = params[
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"
+    ]
     assert attention.shape[0] == 32
     conv = [n for n in trainable if ".resnets.0.conv1.lora_A" in n]
     if modules == "attention":
@@ -126,7 +128,9 @@ def test_components_lora_fuses_an_exported_lora_into_any_method(tmp_path):
         {"tiny": True, "lora": str(tmp_path)}, conditioning="none", sampler=SAMPLER
     ).eval()
     assert not any("lora_" in n for n, _ in plain.named_parameters())  # fused: plain networks
-    assert torch.allclose(handdiff_images(plain, ["a hand"]), handdiff_images(model, ["a hand"]), atol=1e-5)  # noqa: E501
+    assert torch.allclose(
+        handdiff_images(plain, ["a hand"]), handdiff_images(model, ["a hand"]), atol=1e-5
+    )
     # the ControlNet baseline on top of the hand LoRA is a config too
     controlnet = PoseConditionedDiffusion(
         {"tiny": True, "lora": str(tmp_path)}, conditioning="controlnet", train_unet=False
@@ -183,11 +187,15 @@ def test_exported_embedding_loads_in_diffusers_and_in_handdiff(tmp_path):
     pipe = tiny_pipeline(model)
     pipe.load_textual_inversion(str(tmp_path))
     prompts = ["a photo of a <hand>"]
-    assert torch.allclose(handdiff_images(model, prompts), diffusers_images(pipe, prompts), atol=1e-5)  # noqa: E501
+    assert torch.allclose(
+        handdiff_images(model, prompts), diffusers_images(pipe, prompts), atol=1e-5
+    )
     loaded = PoseConditionedDiffusion(
         {"tiny": True, "textual_inversion": [str(tmp_path)]}, conditioning="none", sampler=SAMPLER
     ).eval()
-    assert torch.allclose(handdiff_images(loaded, prompts), handdiff_images(model, prompts), atol=1e-5)  # noqa: E501
+    assert torch.allclose(
+        handdiff_images(loaded, prompts), handdiff_images(model, prompts), atol=1e-5
+    )
 
 
 def test_a_negative_embedding_reaches_the_unconditional_branch():
@@ -196,7 +204,10 @@ def test_a_negative_embedding_reaches_the_unconditional_branch():
         model.learned_embedding.normal_(0, 1)
     seen = []
     unet_forward = model.unet.forward
-    model.unet.forward = lambda *a, **k: (seen.append(k["encoder_hidden_states"]), unet_forward(*a, **k))[1]  # noqa: E501
+    model.unet.forward = lambda *a, **k: (
+        seen.append(k["encoder_hidden_states"]),
+        unet_forward(*a, **k),
+    )[1]
     with_negative = handdiff_images(model, ["a person"])
     uncond = seen[0][:1]
     assert torch.equal(uncond, model.encode_prompts(["<bad-hands>"]))
