@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 
 from lightning_modules.components import ComponentsConfig, load_components
 from lightning_modules.sampling import SamplerConfig, make_scheduler
@@ -116,7 +116,11 @@ class LatentDiffusionModule(L.LightningModule, ABC):
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self.frozen_modules:
-            getattr(self, name).eval()
+            frozen = getattr(self, name).eval()
+            # adapters trained inside a frozen network keep their dropout
+            for module_name, module in frozen.named_modules():
+                if module_name.endswith("lora_dropout"):
+                    module.train(mode)
         return self
 
     def setup(self, stage: str) -> None:
@@ -129,13 +133,17 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             else torch.float32
         )
         # Trained weights stay fp32 (fp16 weights cannot be unscaled); frozen ones need not.
+        # What is trained inside a frozen network (LoRA adapters, a new token's embedding) is
+        # left as it is: a round trip through bf16 would round it. Any nn.Module works (a
+        # pose network for HumanSD's W has no diffusers-style .dtype).
         for name in self.frozen_modules:
-            # .to() of a module already in dtype is a no-op; any nn.Module works (a pose
-            # network for HumanSD's W has no diffusers-style .dtype)
-            getattr(self, name).to(dtype=dtype)
-            # what is trained inside a frozen network (LoRA adapters, new token embeddings)
-            # stays fp32, as diffusers' cast_training_params keeps it
-            cast_training_params(getattr(self, name), dtype=torch.float32)
+            module = getattr(self, name)
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+            for b in module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dtype)
 
     def configure_model(self) -> None:
         if self.compile_unet and not getattr(self, "_compiled", False):

@@ -110,6 +110,12 @@ def save_lora(
     text_layers = None
     if text_encoder is not None and settings.text_encoder:
         text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        # transformers 5 flattens CLIPTextModel; the format (and transformers 4, A1111,
+        # ComfyUI) names its layers under text_model., which diffusers strips when loading
+        text_layers = {
+            k if k.startswith("text_model.") else f"text_model.{k}": v
+            for k, v in text_layers.items()
+        }
     StableDiffusionPipeline.save_lora_weights(
         out,
         unet_lora_layers=unet_layers,

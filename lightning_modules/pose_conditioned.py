@@ -43,8 +43,8 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     and one trained without them refuses that scale (its null pose was never learned).
 
     ``lora``: train LoRA adapters (:mod:`lightning_modules.lora`) on the frozen UNet (and text
-    encoder) instead of the UNet itself; needs ``train_unet=False``. Exported in diffusers'
-    LoRA format.
+    encoder) of plain SD (``conditioning="none"``, ``train_unet=False``); exported in
+    diffusers' LoRA format, which every method loads as ``components.lora``.
 
     As configured by ``experiments/controlnet/*.yaml`` (``conditioning: controlnet``,
     ``train_unet: false``) this is the ControlNet pose baseline of diffusers' ControlNet
@@ -82,6 +82,12 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         self.lora = as_config(LoRASettings, lora) if lora is not None else None
         if self.lora is not None and train_unet:
             raise ValueError("lora trains adapters on a frozen UNet: set train_unet: false")
+        if self.lora is not None and conditioning != "none":
+            # a pose piece would train beside the adapters and be lost from a LoRA export
+            raise ValueError(
+                "lora is trained on plain SD (conditioning: none); a pose-conditioned method "
+                "takes a trained LoRA as components.lora"
+            )
         self.pose_dropout = pose_dropout
         pose_scale = self.sampler_config.pose_guidance_scale
         if conditioning == "none" and (pose_dropout > 0 or pose_scale is not None):

@@ -14,6 +14,7 @@ row instead of 49 409.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,8 +41,8 @@ class TextualInversion(PoseConditionedDiffusion):
 
     ``token``/``initializer``: the new token and the word its embedding starts from.
     ``templates``: captions are one of these with the token (default: diffusers' object
-    templates); with ``keep_captions`` the sample's caption is kept and the token appended
-    (", {token}"). For a negative embedding (learned on malformed hands) set the sampler's
+    templates); with ``keep_captions`` the sample's caption is kept behind the token
+    ("{token}, {caption}"). For a negative embedding (learned on malformed hands) set the sampler's
     ``negative_prompt`` to the token.
     """
 
@@ -86,8 +87,8 @@ class TextualInversion(PoseConditionedDiffusion):
     def captions(self, captions: list[str], generator: torch.Generator | None) -> list[str]:
         """The training captions: a template per sample (drawn with ``generator``), or the
         sample's caption with the token appended."""
-        if self.keep_captions:
-            return [f"{c}, {self.token}" for c in captions]
+        if self.keep_captions:  # first: a caption over 77 tokens would cut it off at the end
+            return [f"{self.token}, {c}" for c in captions]
         picks = torch.randint(len(self.templates), (len(captions),), generator=generator)
         return [self.templates[i].format(self.token) for i in picks.tolist()]
 
@@ -104,4 +105,6 @@ class TextualInversion(PoseConditionedDiffusion):
         with self.ema_weights():
             vector = self.learned_embedding.detach().float().cpu().clone()
         save_file({self.token: vector}, str(out / EMBEDS_FILE))
+        record = {"class": type(self).__qualname__, "token": self.token}
+        (out / "handdiff.json").write_text(json.dumps(record, indent=2))
         return out

@@ -150,11 +150,11 @@ def test_forgetting_check_scores_the_hand_fixes_against_the_base_model_on_other_
         rows = evaluate(load_config([str(path)]))
     finally:
         os.chdir(cwd)
-    assert list(rows) == ["plain_sd", "sd_hand_lora", "sd_hand_ti", "sd_negative_embedding"]
+    assert list(rows) == ["plain_sd", "sd_hand_lora", "sd_negative_embedding"]
     assert rows["plain_sd"]["fid"] == pytest.approx(0, abs=1e-6)  # the reference itself
     out = workdir / "results/eval/forgetting_test"
     base = {p.name: np.asarray(Image.open(p)) for p in (out / "plain_sd/images").glob("*.png")}
-    for method in ("sd_hand_lora", "sd_hand_ti", "sd_negative_embedding"):
+    for method in ("sd_hand_lora", "sd_negative_embedding"):
         assert rows[method]["fid"] > rows["plain_sd"]["fid"] and "clipsim" in rows[method]
         assert "ap" not in rows[method]  # no people asked for, no pose metrics
         changed = [
@@ -317,6 +317,32 @@ def test_two_process_ddp_writes_the_same_table(evaluated):
                 assert ddp["methods"][method][key] == pytest.approx(value, abs=1e-9, nan_ok=True), (
                     key
                 )
+
+
+def test_a_prompt_set_replaces_captions_for_generation_and_scoring(synthetic_dir, tmp_path):
+    from datamodules.evaluation_datamodule import EvaluationDataModule
+    from datamodules.pose_datamodule import PoseDataModule
+
+    shards = f"{synthetic_dir}/val-*.tar"
+    keys = select_subset(expand_shards(shards), 3, seed=0)
+    captions = {keys[0]: "a red car", keys[1]: "a bowl of fruit"}
+    poses = PoseDataModule(shards, 64, 8, keys=keys, captions=captions)
+    (batch,) = list(poses.predict_dataloader())
+    by_key = dict(zip(batch["key"], batch["caption"], strict=True))
+    assert by_key[keys[0]] == "a red car" and by_key[keys[1]] == "a bowl of fruit"
+    assert by_key[keys[2]] not in captions.values()  # not in the set: its own caption
+    # a folder of another method's images as the reference, captions replaced on both sides
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    for key in keys:
+        Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(folder / f"{key}.png")
+    data = EvaluationDataModule(
+        str(folder), str(folder), 64, 8, keys=keys, conditions=shards, captions=captions
+    )
+    generated, real = (next(iter(loader)) for loader in data.test_dataloader())
+    for batch in (generated, real):
+        assert dict(zip(batch["key"], batch["caption"], strict=True))[keys[0]] == "a red car"
+        assert float(batch["image"].mean()) == pytest.approx(7 / 255)
 
 
 def test_subset_is_fixed_by_seed_and_independent_of_shard_order(synthetic_dir):
