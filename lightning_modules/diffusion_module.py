@@ -200,14 +200,20 @@ class LatentDiffusionModule(L.LightningModule, ABC):
 
     # ----------------------------------------------------------------- diffusion loss
     def add_noise(
-        self, latents: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward process q(z_t | z_0): returns ``(noise, timesteps [B], noisy latents)``."""
+        """Forward process q(z_t | z_0): returns ``(noise, timesteps [B], noisy latents)``;
+        ``timesteps`` drawn uniformly unless given."""
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
-        ).to(self.device)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
+            )
+        timesteps = timesteps.to(self.device)
         return noise, timesteps, self.noise_scheduler.add_noise(latents, noise, timesteps)
 
     def loss_target(

@@ -48,6 +48,7 @@ class HandGenerator(PoseConditionedDiffusion):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        perceptual: dict | None = None,
     ):
         super().__init__(
             components=components,
@@ -61,6 +62,7 @@ class HandGenerator(PoseConditionedDiffusion):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            perceptual=perceptual,
         )
         self.mask_loss_weight = mask_loss_weight
         widen_conv_out(self.unet, LATENT_CHANNELS + 1)

@@ -132,6 +132,7 @@ class HumanSD(PoseConditionedDiffusion):
         ema: EMAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        perceptual: dict | None = None,
         build_node: Callable[[dict], torch.nn.Module] | None = None,
     ):
         super().__init__(
@@ -144,6 +145,7 @@ class HumanSD(PoseConditionedDiffusion):
             ema=ema,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            perceptual=perceptual,
         )
         self.heatmap = as_config(HeatmapWeightConfig, heatmap)
         if self.heatmap.source == "network" and not self.heatmap.network:

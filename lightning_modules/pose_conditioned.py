@@ -24,6 +24,13 @@ from lightning_modules.diffusion_module import (
     as_config,
 )
 from lightning_modules.lora import LoRASettings, add_lora, save_lora
+from lightning_modules.perceptual_loss import (
+    PerceptualLoss,
+    PerceptualLossConfig,
+    loss_weights,
+    one_step_x0,
+)
+from lightning_modules.perceptual_networks import FaceFeatures, build_lpips
 from lightning_modules.sampling import SamplerConfig, denoise, pose_and_text_guidance
 
 LATENT_CHANNELS = 4
@@ -68,6 +75,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         lora: LoRASettings | dict | None = None,
+        perceptual: PerceptualLossConfig | dict | None = None,
     ):
         super().__init__(
             components=components,
@@ -111,6 +119,20 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             self.freeze("unet")
         if self.lora is not None:
             add_lora(self.unet, self.text_encoder, self.lora)
+        self.perceptual = self.build_perceptual(perceptual) if perceptual is not None else None
+        if self.perceptual is not None:
+            self.freeze("perceptual")
+
+    @staticmethod
+    def build_perceptual(config: PerceptualLossConfig | dict) -> PerceptualLoss:
+        """The mask-aware perceptual loss and its networks (:mod:`perceptual_loss`)."""
+        cfg = as_config(PerceptualLossConfig, config)
+        tiny = cfg.networks == "tiny"
+        lpips = build_lpips(None if tiny else cfg.vgg_weights)
+        face = None
+        if cfg.face_weight > 0:
+            face = FaceFeatures(None if tiny else cfg.face_weights, tiny=tiny)
+        return PerceptualLoss(cfg, lpips, face)
 
     def encode_pose(self, pose_image: torch.Tensor) -> torch.Tensor:
         """Skeleton ``[B, 3, H, W]`` in [0, 1] -> the UNet's pose condition."""
@@ -145,9 +167,97 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             drop = drop.view(-1, *[1] * (pose.ndim - 1))
             pose = torch.where(drop, self.conditioning.null(pose), pose)
         text = self.encode_prompts(captions)
-        noise, timesteps, noisy = self.add_noise(latents, generator)
+        timesteps = None
+        if self.perceptual is not None:
+            steps = self.noise_scheduler.config.num_train_timesteps
+            timesteps = self.perceptual.timesteps(latents.shape[0], steps, generator)
+        noise, timesteps, noisy = self.add_noise(latents, generator, timesteps)
         output = self.unet_output(noisy, timesteps, text, pose)
-        return self.loss_terms(batch, output, latents, noise, timesteps, generator)
+        terms = self.loss_terms(batch, output, latents, noise, timesteps, generator)
+        if self.perceptual is not None:
+            terms = self.with_perceptual(
+                terms, batch, noisy, output[:, :LATENT_CHANNELS], timesteps
+            )
+        return terms
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] with gradients to the latents (the frozen VAE's
+        activations recomputed in backward with ``decoder_checkpointing``)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+        decode = lambda x: self.vae.decode(x).sample  # noqa: E731
+        if self.perceptual.config.decoder_checkpointing and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(decode, z, use_reentrant=False)
+        else:
+            images = decode(z)
+        return images.float().clamp(-1, 1)
+
+    def region_mask(self, batch: dict) -> torch.Tensor:
+        """Where the LPIPS term looks ``[B, 1, H, W]``: the hands (the batch's hand mask) or the
+        people (their keypoint boxes, 10 % margin)."""
+        if self.perceptual.config.region == "hand":
+            mask = batch.get("mask", batch.get("hand_mask"))
+            if mask is None:
+                raise ValueError("perceptual.region=hand needs batches with a hand mask")
+            return mask.float()
+        if "body_keypoints" not in batch:
+            raise ValueError("perceptual.region=person needs batches with body_keypoints")
+        b, _, height, width = batch["image"].shape
+        mask = torch.zeros(b, 1, height, width, device=batch["image"].device)
+        for i, people in enumerate(batch["body_keypoints"]):
+            for person in people:
+                points = person[person[:, 2] > 0, :2]
+                if len(points) < 2:
+                    continue
+                lo, hi = points.min(0).values, points.max(0).values
+                margin = 0.1 * (hi - lo)
+                x0, y0 = (lo - margin).clamp(min=0).long().tolist()
+                x1, y1 = (hi + margin).ceil().long().tolist()
+                mask[i, 0, y0 : min(y1, height), x0 : min(x1, width)] = 1
+        return mask
+
+    def face_boxes(self, images: torch.Tensor) -> list[tuple]:
+        """``(index, x0, y0, x1, y1)`` of the faces MediaPipe finds in real images ``[N, 3, H,
+        W]`` in [-1, 1]."""
+        if not hasattr(self, "_faces"):
+            from pose_estimation.mediapipe_faces import MediaPipeFaces
+
+            self._faces = MediaPipeFaces()
+        pixels = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).byte()
+        pixels = pixels.permute(0, 2, 3, 1).numpy()
+        return [(i, *box) for i, image in enumerate(pixels) for box in self._faces(image)]
+
+    def with_perceptual(self, terms, batch, noisy, prediction, timesteps) -> dict:
+        """The method's loss combined with the perceptual terms of the samples with t <= T:
+        ``mean_i[g_i (w_lpips,i L_lpips,i + w_face,i L_face,i)] + mean_i[w_ldm,i] L_method``
+        (g_i: t_i <= T; w_ldm,i = 1 for the others). With one t per batch (the reference)
+        this is the reference's ``λ1 L_lpips + λ2 L_face + (1 - λ1 - λ2) L_LDM``."""
+        cfg = self.perceptual.config
+        gate = timesteps <= cfg.max_timestep
+        b = len(timesteps)
+        terms["perceptual_fraction"] = gate.float().mean()
+        if not gate.any():
+            return terms
+        idx = gate.nonzero().squeeze(1)
+        x0 = one_step_x0(
+            noisy[idx], prediction[idx], timesteps[idx], self.noise_scheduler.alphas_cumprod,
+            self.noise_scheduler.config.prediction_type,
+        )  # fmt: skip
+        real = batch["image"][idx].to(x0)
+        faces = self.face_boxes(real) if self.perceptual.face_features is not None else []
+        parts = self.perceptual(
+            self.decode_with_grad(x0), real, self.region_mask(batch)[idx].to(x0), faces
+        )
+        w_lpips, w_face, w_ldm = loss_weights(
+            cfg.lpips_weight, cfg.face_weight, parts["has_region"], parts["has_face"]
+        )
+        perceptual = (w_lpips * parts["lpips"] + w_face * parts["face"]).sum() / b
+        ldm_weight = (w_ldm.sum() + (b - len(idx))) / b
+        terms["ldm"] = terms["loss"]
+        terms["lpips"] = parts["lpips"].mean()
+        terms["face"] = parts["face"].mean()
+        terms["loss"] = perceptual + ldm_weight * terms["loss"]
+        return terms
 
     @torch.no_grad()
     def generate(

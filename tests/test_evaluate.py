@@ -391,7 +391,7 @@ def test_ablation_variants_change_one_thing(variant, key, value):
 
 def test_every_ablation_config_is_valid():
     configs = sorted((ROOT / "experiments/ablations").glob("*.yaml"))
-    assert len(configs) == 5
+    assert len(configs) == 6
     for path in configs:
         cfg = load_config([str(path)])
         assert len(cfg["methods"]) >= 3 and cfg["name"] == f"ablations/{path.stem}"
