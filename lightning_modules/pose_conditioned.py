@@ -32,6 +32,7 @@ from lightning_modules.perceptual_loss import (
 )
 from lightning_modules.perceptual_networks import FaceFeatures, build_lpips
 from lightning_modules.sampling import SamplerConfig, denoise, pose_and_text_guidance
+from pose_estimation.people import to_uint8_hwc
 
 LATENT_CHANNELS = 4
 
@@ -223,8 +224,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             from pose_estimation.mediapipe_faces import MediaPipeFaces
 
             self._faces = MediaPipeFaces()
-        pixels = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).byte()
-        pixels = pixels.permute(0, 2, 3, 1).numpy()
+        pixels = to_uint8_hwc((images.float() + 1) / 2)
         return [(i, *box) for i, image in enumerate(pixels) for box in self._faces(image)]
 
     def with_perceptual(self, terms, batch, noisy, prediction, timesteps) -> dict:

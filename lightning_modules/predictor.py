@@ -179,6 +179,16 @@ class GenerationPredictor(L.LightningModule, abc.ABC):
         save_png(image, inside(self.out_dir, f"{key}.png"))
 
 
+def read_reports(folder: str | os.PathLike) -> list[dict]:
+    """The JSON lines every rank appended to ``<folder>/report-rank<r>.jsonl``, in order."""
+    return [
+        json.loads(line)
+        for file in sorted(Path(folder).glob("report-rank*.jsonl"))
+        for line in file.read_text().splitlines()
+        if line.strip()
+    ]
+
+
 def read_timings(folder: str | os.PathLike) -> dict[str, float]:
     """Median and 90th percentile seconds per image over the non-warm-up batches of every rank
     (all batches when each run had only one), and the number of images timed."""

@@ -17,7 +17,13 @@ from datamodules.pose_datamodule import PoseDataModule
 from datamodules.refiner_datamodule import RefinerDataConfig, people_hand_depths
 from datamodules.schema import Person
 from lightning_modules.hand_refiner import ADAPTIVE_STRENGTHS
-from lightning_modules.predictor import ExperimentLoader, GenerationPredictor, inside, save_png
+from lightning_modules.predictor import (
+    ExperimentLoader,
+    GenerationPredictor,
+    inside,
+    read_reports,
+    save_png,
+)
 from metrics.hand_pose import keypoint_errors, match_hands
 from pose_estimation.hand_depth import HandDepth, LandmarkHandDepth, combine_hands
 from pose_estimation.mediapipe_people import MediaPipePeople
@@ -329,14 +335,7 @@ class RefinerPredictor(GenerationPredictor):
         the hands found) and detection rate of the conditioning hands, before and after."""
         # a key written twice (a run killed between its report and its image, then resumed)
         # counts once, with its last record
-        by_key = {
-            record["key"]: record
-            for file in sorted(self.out_dir.glob("report-rank*.jsonl"))
-            for line in file.read_text().splitlines()
-            if line.strip()
-            for record in [json.loads(line)]
-        }
-        records = list(by_key.values())
+        records = list({r["key"]: r for r in read_reports(self.out_dir)}.values())
         out = super().summary()
         if not records:
             return out

@@ -24,6 +24,7 @@ from lightning_modules.predictor import (
     ExperimentLoader,
     GenerationPredictor,
     inside,
+    read_reports,
     save_png,
     seeds_for,
 )
@@ -328,10 +329,8 @@ class TwoStagePredictor(GenerationPredictor):
         """Timings plus the aggregated stage-1 hand checks of every rank's report."""
         checks = [
             check
-            for file in sorted(self.out_dir.glob("report-rank*.jsonl"))
-            for line in file.read_text().splitlines()
-            if line.strip()
-            for check in json.loads(line).get("hand_checks", [])
+            for record in read_reports(self.out_dir)
+            for check in record.get("hand_checks", [])
         ]
         return {**super().summary(), **summarise_checks(checks)}
 
