@@ -17,7 +17,7 @@ SYNTHETIC := data/synthetic
 MALFORMED := data/synthetic_malformed
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner train-lora train-ti synthetic-malformed sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose sample demo refine
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner train-lora train-ti synthetic-malformed sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose bench-loop sample demo refine cache-latents
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -67,6 +67,10 @@ train-lora: $(SYNTHETIC)/.done ## train a hand LoRA on frozen SD (CONFIG_LORA=..
 train-ti: $(SYNTHETIC)/.done $(MALFORMED)/.done ## textual inversion of a hand token (CONFIG_TI=...; negative embedding: CONFIG_TI=experiments/textual_inversion/negative_tiny.yaml)
 	$(PY) -m experiments.run fit $(CONFIG_TI) $(ARGS)
 
+CACHE_OUT ?= data/latent_cache/hand_tiny
+cache-latents: $(SYNTHETIC)/.done ## VAE latents of CONFIG's training crops, once (CACHE_OUT=dir, ARGS="--text"); train with data.params.latent_cache=dir
+	$(PY) -m experiments.cache_latents $(CONFIG) --out $(CACHE_OUT) $(ARGS)
+
 sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
 	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)
 
@@ -105,6 +109,9 @@ demo: $(SYNTHETIC)/.done $(MALFORMED)/.done ## local web demo: methods side by s
 
 bench-pose: install ## person/hand recall and attribution of the annotator on real photos (SAMPLES=../shared/real_samples)
 	$(PY) -m benchmarks.pose_stack --samples $(or $(SAMPLES),../shared/real_samples) $(ARGS)
+
+bench-loop: $(SYNTHETIC)/.done ## Lightning fit loop vs bare step, from pixels and from a latent cache (CPU, tiny hand generator)
+	$(PY) -m benchmarks.train_loop $(ARGS)
 
 TB_HOST ?= 127.0.0.1
 tensorboard: install ## serve TensorBoard over logs/ on this machine (TB_HOST=0.0.0.0 to share it on the network)

@@ -103,7 +103,15 @@ class ShardDataModule(L.LightningDataModule, ABC):
         if state_dict:
             self._resume = StreamPosition(state_dict["epoch"], state_dict["batches"])
 
-    def _loader(self, urls: list[str], train: bool) -> DataLoader:
+    def _loader(
+        self,
+        urls: list[str],
+        train: bool,
+        example_fn: ExampleFn | None = None,
+        decode: Callable | None = None,
+    ) -> DataLoader:
+        """The stream of ``urls``: schema shards through :meth:`example_fn`, or other shards
+        (a latent cache) through ``decode`` and ``example_fn``."""
         resampled = self.resampled and train
         world = self.trainer.world_size if self.trainer else 1
         per_worker = None
@@ -122,7 +130,7 @@ class ShardDataModule(L.LightningDataModule, ABC):
         )
         pipeline = sample_pipeline(
             urls,
-            _Examples(self.example_fn(), self.seed, augment=train, position=position),
+            _Examples(example_fn or self.example_fn(), self.seed, augment=train, position=position),
             seed=self.seed,
             shuffle=train,
             resampled=resampled,
@@ -130,6 +138,7 @@ class ShardDataModule(L.LightningDataModule, ABC):
             epoch_size=per_worker,
             min_image_size=self.min_image_size,
             position=position,
+            decode=decode,
         )
         return DataLoader(
             pipeline,

@@ -263,8 +263,11 @@ def sample_pipeline(
     epoch_size: int | None = None,
     min_image_size: int = MIN_IMAGE_SIZE,
     position: StreamPosition | None = None,
+    decode: Callable[[Iterable[dict], SkipCounter], Iterator] | None = None,
 ) -> wds.DataPipeline:
     """Shards -> raw samples -> validated :class:`Sample` -> examples built by ``to_examples``.
+    ``decode`` replaces the schema decoding (raw samples -> what ``to_examples`` takes; a
+    latent cache's entries).
 
     ``resampled=True`` (training): every rank and worker draws shards with replacement, seeded
     by (``seed``, rank, worker, epoch), and ``epoch_size`` examples per worker make an epoch;
@@ -294,11 +297,9 @@ def sample_pipeline(
         stages.append(lambda src: stream.shuffle(src, shuffle_buffer))
     elif shuffle:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(64, shuffle_buffer), seed=seed))
-    stages.append(
-        lambda src: reader.examples(
-            to_examples(validated_samples(src, counter, min_image_size), counter)
-        )
-    )
+    if decode is None:
+        decode = lambda src, counter: validated_samples(src, counter, min_image_size)  # noqa: E731
+    stages.append(lambda src: reader.examples(to_examples(decode(src, counter), counter)))
     if stream is not None:
         stages.append(stream.window)
     pipeline = wds.DataPipeline(*stages)

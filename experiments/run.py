@@ -91,6 +91,11 @@ def build(cfg, provenance: Provenance):
     ckpt_path = resolve_checkpoint(container)
     datamodule = _build("data", container["data"], provenance)
     model = _build("model", container["model"], provenance)
+    if getattr(datamodule, "latent_cache", None):
+        try:
+            datamodule.check_cache_encoder(model.cache_identity(text=datamodule.cache_holds_text))
+        except ValueError as exc:
+            raise ConfigError(f"data.params.latent_cache: {exc}") from None
     logger = False
     if container.get("logger"):
         node = container["logger"]

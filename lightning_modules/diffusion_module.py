@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.components import ComponentsConfig, load_components
 from lightning_modules.sampling import SamplerConfig, make_scheduler
@@ -37,6 +38,8 @@ class OptimizerConfig:
     eps: float = 1e-8
     schedule: str = "constant_with_warmup"
     warmup_steps: int = 0
+    # one fused kernel for the whole update; None: fused on CUDA (not implemented on CPU)
+    fused: bool | None = None
 
 
 @dataclass
@@ -50,6 +53,7 @@ class EMAConfig:
     use_ema_warmup: bool = False
     inv_gamma: float = 1.0
     power: float = 2 / 3
+    foreach: bool = True  # one multi-tensor update on the device instead of a loop per tensor
 
 
 def as_config(cls, value):
@@ -80,6 +84,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         # build_node (a method's builder of nested config nodes) is a function, not a setting
@@ -91,6 +96,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         self.caption_dropout = caption_dropout
         self.snr_gamma = snr_gamma
         self.compile_unet = compile
+        self.channels_last = channels_last
         parts = load_components(self.components_config)
         self.unet = parts.unet
         self.vae = parts.vae
@@ -145,10 +151,22 @@ class LatentDiffusionModule(L.LightningModule, ABC):
                 if b.is_floating_point():
                     b.data = b.data.to(dtype)
 
+    def trained_networks(self) -> list[torch.nn.Module]:
+        """The networks ``compile`` and ``channels_last`` apply to (the denoiser and what a
+        method adds to it: a pose or inpainting ControlNet)."""
+        controlnet = getattr(getattr(self, "conditioning", None), "controlnet", None)
+        return [self.unet] + ([controlnet] if controlnet is not None else [])
+
     def configure_model(self) -> None:
-        if self.compile_unet and not getattr(self, "_compiled", False):
-            self.unet.compile()
-            self._compiled = True
+        if getattr(self, "_configured", False):
+            return
+        for network in self.trained_networks():
+            if self.channels_last:
+                # NHWC convolutions on tensor cores; inputs follow the weights' layout
+                network.to(memory_format=torch.channels_last)
+            if self.compile_unet:
+                network.compile()
+        self._configured = True
 
     @property
     def vae_scale(self) -> int:
@@ -164,6 +182,57 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         latents = posterior.sample(generator) if sample else posterior.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def training_latents(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` of a training batch: a posterior sample of
+        ``image``, or of a latent cache's ``latent_mean``/``latent_std`` with the draw diffusers'
+        ``DiagonalGaussianDistribution.sample`` makes (the same noise for the same generator)."""
+        if "latent_mean" not in batch:
+            return self.encode_images(batch["image"], generator=generator)
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((mean + std * eps - shift) * self.vae.config.scaling_factor).float()
+
+    def training_text(self, batch: dict, captions: list[str]) -> torch.Tensor:
+        """Text states ``[B, 77, D]`` of the (possibly dropped) captions: the cache's
+        ``text_embedding`` where the caption was kept, the encoder for the rest."""
+        if "text_embedding" not in batch:
+            return self.encode_prompts(captions)
+        kept = [c == k for c, k in zip(captions, batch["caption"], strict=True)]
+        text = batch["text_embedding"].float()
+        if all(kept):
+            return text
+        dropped = [i for i, k in enumerate(kept) if not k]
+        text = text.clone()
+        text[dropped] = self.encode_prompts([captions[i] for i in dropped]).to(text)
+        return text
+
+    def cache_identity(self, text: bool) -> dict:
+        """What a latent cache's tensors depend on in this model: the VAE's weights (a hash
+        taken before any precision cast), its scaling, and with ``text`` the text encoder's."""
+        if not hasattr(self, "_weight_hashes"):
+            self._weight_hashes = {}
+
+        def weights_hash(name: str) -> str:
+            if name not in self._weight_hashes:
+                digest = hashlib.sha256()
+                for key, value in sorted(getattr(self, name).state_dict().items()):
+                    digest.update(key.encode())
+                    digest.update(value.detach().float().cpu().numpy().tobytes())
+                self._weight_hashes[name] = digest.hexdigest()
+            return self._weight_hashes[name]
+
+        identity = {
+            "vae": weights_hash("vae"),
+            "scaling_factor": self.vae.config.scaling_factor,
+            "shift_factor": getattr(self.vae.config, "shift_factor", None),
+        }
+        if text:
+            identity["text_encoder"] = weights_hash("text_encoder")
+        return identity
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -268,7 +337,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         self.log_dict(
             {f"train/{k}": v for k, v in losses.items()},
             prog_bar=True,
-            batch_size=batch["image"].shape[0],
+            batch_size=len(batch["caption"]),
         )
         return losses["loss"]
 
@@ -280,7 +349,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         self.log_dict(
             {f"val/{k}": v for k, v in losses.items()},
             sync_dist=True,
-            batch_size=batch["image"].shape[0],
+            batch_size=len(batch["caption"]),
         )
 
     # ----------------------------------------------------------------- EMA
@@ -297,6 +366,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             use_ema_warmup=cfg.use_ema_warmup,
             inv_gamma=cfg.inv_gamma,
             power=cfg.power,
+            foreach=cfg.foreach,
         )
 
     def on_fit_start(self) -> None:
@@ -370,6 +440,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             betas=tuple(cfg.betas),
             weight_decay=cfg.weight_decay,
             eps=cfg.eps,
+            fused=self.device.type == "cuda" if cfg.fused is None else cfg.fused,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         schedule = get_scheduler(

@@ -48,6 +48,7 @@ class HandGenerator(PoseConditionedDiffusion):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
         perceptual: dict | None = None,
     ):
         super().__init__(
@@ -62,6 +63,7 @@ class HandGenerator(PoseConditionedDiffusion):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
             perceptual=perceptual,
         )
         self.mask_loss_weight = mask_loss_weight
@@ -74,7 +76,9 @@ class HandGenerator(PoseConditionedDiffusion):
 
     def loss_terms(self, batch, output, latents, noise, timesteps, generator=None):
         denoise_loss = self.denoising_loss(output[:, :LATENT_CHANNELS], latents, noise, timesteps)
-        target_mask = F.interpolate(batch["mask"].float(), size=latents.shape[-2:], mode="area")
+        target_mask = batch.get("mask_latent")
+        if target_mask is None:
+            target_mask = F.interpolate(batch["mask"].float(), size=latents.shape[-2:], mode="area")
         m_loss = mask_loss(output[:, LATENT_CHANNELS:], target_mask)
         return {
             "loss": denoise_loss + self.mask_loss_weight * m_loss,

@@ -72,6 +72,7 @@ class HandRefiner(InpaintingControlNetModule):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__(
             components=components,
@@ -88,6 +89,7 @@ class HandRefiner(InpaintingControlNetModule):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
         )
         self.strength = strength
         self.feather = feather

@@ -132,6 +132,7 @@ class HumanSD(PoseConditionedDiffusion):
         ema: EMAConfig | dict | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
         perceptual: dict | None = None,
         build_node: Callable[[dict], torch.nn.Module] | None = None,
     ):
@@ -145,6 +146,7 @@ class HumanSD(PoseConditionedDiffusion):
             ema=ema,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
             perceptual=perceptual,
         )
         self.heatmap = as_config(HeatmapWeightConfig, heatmap)

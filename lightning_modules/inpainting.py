@@ -48,6 +48,7 @@ class InpaintingControlNetModule(LatentDiffusionModule):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__(
             components=components,
@@ -58,6 +59,7 @@ class InpaintingControlNetModule(LatentDiffusionModule):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
         )
         if widen_unet:
             widen_conv_in(self.unet, INPAINT_CHANNELS)

@@ -44,6 +44,7 @@ class Outpainter(InpaintingControlNetModule):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__(
             components=components,
@@ -59,6 +60,7 @@ class Outpainter(InpaintingControlNetModule):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
         )
         self.blend = blend if isinstance(blend, BlendConfig) else BlendConfig(**(blend or {}))
 

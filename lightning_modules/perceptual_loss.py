@@ -40,7 +40,7 @@ class PerceptualLossConfig:
     region: Literal["person", "hand"] = "person"
     face_size: int = 112  # px the face crops are resized to
     face_layer_weights: Sequence[float] = field(default=REFERENCE_FACE_WEIGHTS)
-    decoder_checkpointing: bool = True  # recompute the decoder's activations in backward
+    decoder_checkpointing: bool = True  # recompute the decoder's blocks one by one in backward
     # "pretrained": LPIPS on vgg_weights and the face ResNet-50 on face_weights (both local
     # files); "tiny": small seeded random networks (tests and the tiny configs only)
     networks: Literal["pretrained", "tiny"] = "pretrained"

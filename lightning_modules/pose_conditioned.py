@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from lightning_modules.components import ComponentsConfig
@@ -75,6 +76,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
         lora: LoRASettings | dict | None = None,
         perceptual: PerceptualLossConfig | dict | None = None,
     ):
@@ -87,6 +89,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
         )
         self.lora = as_config(LoRASettings, lora) if lora is not None else None
         if self.lora is not None and train_unet:
@@ -158,8 +161,12 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
     def losses(
         self, batch: dict, train: bool, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        latents = self.encode_images(batch["image"], generator=generator)
-        pose = self.encode_pose(batch["pose_image"])
+        latents = self.training_latents(batch, generator)
+        pose = (
+            batch["pose_latent"]
+            if "pose_latent" in batch
+            else self.encode_pose(batch["pose_image"])
+        )
         captions = self.drop_captions(batch["caption"], generator) if train else batch["caption"]
         if train and self.pose_dropout > 0:
             drop = (torch.rand(pose.shape[0], generator=generator) < self.pose_dropout).to(
@@ -167,9 +174,14 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             )
             drop = drop.view(-1, *[1] * (pose.ndim - 1))
             pose = torch.where(drop, self.conditioning.null(pose), pose)
-        text = self.encode_prompts(captions)
+        text = self.training_text(batch, captions)
         timesteps = None
         if self.perceptual is not None:
+            if "image" not in batch:
+                raise ValueError(
+                    "perceptual: the loss compares decoded and real pixels, which a latent "
+                    "cache does not hold; train it without data.params.latent_cache"
+                )
             steps = self.noise_scheduler.config.num_train_timesteps
             timesteps = self.perceptual.timesteps(latents.shape[0], steps, generator)
         noise, timesteps, noisy = self.add_noise(latents, generator, timesteps)
@@ -181,17 +193,38 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
             )
         return terms
 
+    @torch.no_grad()
+    def latent_cache_tensors(self, batch: dict, text: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors a latent cache holds for a batch of examples (``datamodules.latent_cache``):
+        the image's VAE posterior, the pose condition (its latent, or the skeleton as uint8 when
+        the condition is the image itself), the hand mask at latent resolution, with ``text``
+        the text encoder's states."""
+        posterior = self.vae.encode(batch["image"].to(self.vae.dtype)).latent_dist
+        out = {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
+        pose = self.encode_pose(batch["pose_image"])
+        if pose is batch["pose_image"]:
+            out["pose_image"] = (batch["pose_image"] * 255).round().to(torch.uint8)
+        else:
+            out["pose_latent"] = pose.float()
+        if "mask" in batch:
+            size = posterior.mean.shape[-2:]
+            out["mask_latent"] = F.interpolate(batch["mask"].float(), size=size, mode="area")
+        if text:
+            out["text_embedding"] = self.encode_prompts(batch["caption"])
+        return out
+
     def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] with gradients to the latents (the frozen VAE's
-        activations recomputed in backward with ``decoder_checkpointing``)."""
+        """Scaled latents -> images in [-1, 1] with gradients to the latents. With
+        ``decoder_checkpointing`` the frozen decoder keeps only its blocks' inputs and recomputes
+        one block at a time in backward (diffusers' per-block checkpointing: one checkpoint
+        around the whole decoder would recompute all of its activations at once, the same peak)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
-        decode = lambda x: self.vae.decode(x).sample  # noqa: E731
-        if self.perceptual.config.decoder_checkpointing and torch.is_grad_enabled():
-            images = torch.utils.checkpoint.checkpoint(decode, z, use_reentrant=False)
-        else:
-            images = decode(z)
-        return images.float().clamp(-1, 1)
+        checkpointing = self.perceptual.config.decoder_checkpointing
+        if checkpointing and not self.vae.decoder.gradient_checkpointing:
+            # a no-op without gradients (the encoder and sampling run under no_grad)
+            self.vae.enable_gradient_checkpointing()
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     def region_mask(self, batch: dict) -> torch.Tensor:
         """Where the LPIPS term looks ``[B, 1, H, W]``: the hands (the batch's hand mask) or the

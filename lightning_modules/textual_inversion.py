@@ -59,6 +59,7 @@ class TextualInversion(PoseConditionedDiffusion):
         snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__(
             components=components,
@@ -71,6 +72,7 @@ class TextualInversion(PoseConditionedDiffusion):
             snr_gamma=snr_gamma,
             gradient_checkpointing=gradient_checkpointing,
             compile=compile,
+            channels_last=channels_last,
         )
         self.templates = list(templates or OBJECT_TEMPLATES)
         if any("{}" not in t for t in self.templates):

@@ -377,14 +377,26 @@ def test_methods_needing_training_and_config_errors(tmp_path):
         ("humansd_lambda0", "model.params.heatmap.weight", 0.0),
         ("humansd_lambda1", "model.params.heatmap.weight", 1.0),
         ("humansd_network", "model.params.heatmap.source", "network"),
+        ("controlnet_perceptual", "model.params.perceptual.lpips_weight", 0.2),
+        ("controlnet_perceptual_l0p1_l0p7", "model.params.perceptual.face_weight", 0.7),
+        ("controlnet_perceptual_t400", "model.params.perceptual.max_timestep", 400),
+        (
+            "controlnet_perceptual_per_batch",
+            "model.params.perceptual.timestep_sampling",
+            "per_batch",
+        ),
+        ("hand_perceptual", "model.params.perceptual.region", "hand"),
     ],
 )
 def test_ablation_variants_change_one_thing(variant, key, value):
-    cfg, _ = load_any_config([ROOT / f"experiments/ablations/variants/{variant}.yaml"])
-    base = "hand" if variant.startswith("hand") else "humansd"
-    reference, _ = load_any_config([ROOT / f"experiments/{base}/tiny.yaml"])
+    import yaml
     from omegaconf import OmegaConf
 
+    path = ROOT / f"experiments/ablations/variants/{variant}.yaml"
+    cfg, _ = load_any_config([path])
+    # compared with the config it derives from (its first default)
+    parent = (path.parent / yaml.safe_load(path.read_text())["defaults"][0]).resolve()
+    reference, _ = load_any_config([parent])
     assert OmegaConf.select(cfg, key) == value != OmegaConf.select(reference, key)
     assert cfg.name == f"ablations/{variant}"  # its own run, its own checkpoints
 

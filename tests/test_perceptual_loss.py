@@ -192,3 +192,37 @@ def test_mediapipe_finds_the_face_in_a_real_photo():
     ((x0, y0, x1, y1),) = faces(image)
     assert 150 < x0 < x1 < 240 and 30 < y0 < y1 < 110  # the person's head, upper middle
     assert faces(np.zeros((64, 64, 3), np.uint8)) == []
+
+
+def test_humansd_heatmap_loss_with_the_perceptual_terms():
+    """HumanSD's own loss (heatmap-weighted) is the L_LDM the perceptual terms join, and the
+    LPIPS term's gradient reaches the trained UNet."""
+    from lightning_modules.humansd import HumanSD
+
+    torch.manual_seed(0)
+    model = HumanSD(
+        {"tiny": True},
+        heatmap={"weight": 0.5, "heatmap_size": 32},
+        perceptual={**TINY, "lpips_weight": 0.2, "face_weight": 0.0, "max_timestep": 1000},
+    )
+    terms = model.losses(full_body_batch(), train=True, generator=torch.Generator().manual_seed(4))
+    assert {"heatmap_weight", "loss_denoise", "ldm", "lpips"} <= set(terms)
+    assert float(terms["heatmap_weight"]) > 0 and float(terms["perceptual_fraction"]) == 1
+    # every image has a person and no face: 0.2 LPIPS + 0.8 of HumanSD's loss
+    expected = 0.2 * terms["lpips"] + 0.8 * terms["ldm"]
+    assert float(terms["loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    (0.2 * terms["lpips"]).backward()
+    grads = [p.grad for p in model.unet.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_checkpointed_decoder_gives_the_same_gradient():
+    grads = []
+    for checkpointing in (False, True):
+        model = model_with(face_weight=0.0, decoder_checkpointing=checkpointing)
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        latents.requires_grad_(True)
+        model.decode_with_grad(latents).pow(2).sum().backward()
+        assert model.vae.decoder.gradient_checkpointing == checkpointing
+        grads.append(latents.grad)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

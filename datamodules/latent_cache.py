@@ -1,0 +1,135 @@
+"""Latent caches: training examples with their VAE posteriors (and optionally text-encoder
+states) computed once, so that training skips the per-step VAE encodes.
+
+A cache is a folder: ``train-NNNNNN.tar`` shards (webdataset; per example ``latents.safetensors``
+and ``meta.json``) and ``cache.json``, the manifest, written last (a folder without it is an
+unfinished cache). Each example holds every orientation the training stream can draw
+(unflipped and, when flips are on, flipped; a flipped hand crop has a mirrored image, the other
+hand's skeleton palette and swapped side words, so it is encoded on its own), each tensor
+``[O, ...]``:
+
+- ``latent_mean``, ``latent_std`` ``[O, 4, h, w]``: the VAE posterior of the image (unscaled,
+  fp32), so training still draws ``mean + std * eps`` as the uncached path does;
+- ``pose_latent`` ``[O, C, h, w]``: the pose condition as the model consumes it (the skeleton's
+  posterior mode for ``concat``), or ``pose_image`` ``[O, 3, H, W]`` uint8 when the condition is
+  the skeleton itself (ControlNet);
+- ``mask_latent`` ``[O, 1, h, w]``: the hand mask area-averaged to latent resolution;
+- ``text_embedding`` ``[O, 77, D]`` (optional): the text encoder's output for the caption.
+
+The manifest records what the cache depends on: the encoder (a hash of the VAE's weights,
+scaling, conditioning kind, text encoder), the example settings (datamodule, crop settings,
+resolution) and the source shards (size and a hash of their first and last MiB). A cache that
+disagrees with the run on any of these is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from datamodules.shards import SkipCounter
+
+FORMAT = "handdiff-latent-cache/1"
+MANIFEST = "cache.json"
+_HASHED = 2**20  # bytes hashed at each end of a source shard
+
+
+class StaleCacheError(ValueError):
+    """A latent cache that does not match the run; the message names the key that differs."""
+
+
+def source_fingerprint(urls: Sequence[str]) -> list[dict]:
+    """``{name, bytes, sha256}`` of each source shard (sha256 of its first and last MiB: a
+    changed or replaced shard is caught without reading terabytes)."""
+    out = []
+    for url in urls:
+        path = Path(url)
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            digest.update(f.read(_HASHED))
+            if size > 2 * _HASHED:
+                f.seek(size - _HASHED)
+            digest.update(f.read(_HASHED))
+        out.append({"name": path.name, "bytes": size, "sha256": digest.hexdigest()})
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of the cache in ``folder``; a clear error for a missing or unfinished one."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(
+            f"latent_cache={str(folder)!r}: no such folder (make cache-latents)"
+        )
+    if not path.is_file():
+        raise StaleCacheError(
+            f"latent_cache={str(folder)!r}: no {MANIFEST} (an unfinished cache): rebuild it "
+            "with make cache-latents"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise StaleCacheError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def check_manifest(manifest: dict, expected: dict, folder: str | Path, part: str) -> None:
+    """Refuse the cache when ``manifest[part]`` differs from ``expected`` at any key."""
+    cached = manifest.get(part, {})
+    for key in [*expected, *(k for k in cached if k not in expected)]:
+        if cached.get(key) != expected.get(key):
+            raise StaleCacheError(
+                f"latent_cache={str(folder)!r} is stale: {part}.{key} is "
+                f"{json.dumps(cached.get(key))[:200]} in the cache but "
+                f"{json.dumps(expected.get(key))[:200]} for this run; rebuild it with "
+                "make cache-latents"
+            )
+
+
+def encode_example(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, bytes]:
+    """One cache member set: tensors (contiguous, on CPU) and JSON metadata."""
+    payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return {"latents.safetensors": save_tensors(payload), "meta.json": json.dumps(meta).encode()}
+
+
+def cached_examples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Raw webdataset samples of a cache shard -> ``{"tensors", "meta"}`` (safetensors and
+    JSON only: nothing in a cache file can run code)."""
+    for raw in src:
+        try:
+            tensors = load_tensors(raw["latents.safetensors"])
+            meta = json.load(io.BytesIO(raw["meta.json"]))
+        except (KeyError, ValueError) as error:
+            raise StaleCacheError(
+                f"cache sample {raw.get('__key__')!r} in {raw.get('__url__')!r}: {error}"
+            ) from None
+        yield {"tensors": tensors, "meta": meta}
+
+
+def cached_orientation(
+    cached: dict, augment: bool, rng: random.Random, flip_prob: float
+) -> Iterator[dict]:
+    """The example of one cached entry: flipped with ``flip_prob`` when ``augment`` (the one
+    draw the uncached stream makes per crop), else the unflipped orientation."""
+    tensors, meta = cached["tensors"], cached["meta"]
+    flip = augment and rng.random() < flip_prob
+    o = int(flip and len(meta["caption"]) > 1)
+    example = {k: v[o] for k, v in tensors.items()}
+    if "pose_image" in example:  # stored as uint8, the skeleton's own precision
+        example["pose_image"] = example["pose_image"].float() / 255
+    example.update(
+        caption=meta["caption"][o],
+        is_right=meta["is_right"][o],
+        key=meta["key"],
+        hand_key=meta["hand_key"],
+        mask_from_file=meta["mask_from_file"],
+    )
+    yield example

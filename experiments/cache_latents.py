@@ -1,0 +1,141 @@
+"""Write a latent cache of an experiment's training data (``datamodules.latent_cache``).
+
+    .venv/bin/python -m experiments.cache_latents CONFIG [more.yaml] [key=value ...] --out DIR
+        [--text] [--batch-size 16] [--per-shard 1000]
+    make cache-latents CONFIG=experiments/hand/tiny.yaml OUT=data/latent_cache/hand_tiny
+
+The model and datamodule are built from the same config the training uses (so the VAE, crop
+settings and source shards recorded in the manifest are the run's); every training crop is
+encoded once per orientation the stream can draw, in fp32. Train from it with
+``data.params.latent_cache=DIR`` (``experiments/hand/tiny_cached.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from datamodules.latent_cache import FORMAT, MANIFEST, encode_example, source_fingerprint
+from experiments.config import ConfigError, load_config
+from experiments.notices import configure_logging
+from experiments.run import _build, limit_threads
+
+BATCHED = ("image", "pose_image", "mask")
+
+
+def batches(entries: Iterator[list[dict]], size: int) -> Iterator[list[list[dict]]]:
+    chunk: list[list[dict]] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_cache(model, datamodule, out: Path, text: bool, batch_size: int, per_shard: int) -> dict:
+    """Encode ``datamodule.cache_entries()`` with ``model.latent_cache_tensors`` into shards of
+    ``out``; the manifest is written last. Returns it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    count = orientations = 0
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for chunk in tqdm(
+            batches(datamodule.cache_entries(), batch_size), desc="caching", unit="batch"
+        ):
+            orientations = len(chunk[0])
+            flat = [view for entry in chunk for view in entry]
+            batch = {
+                k: default_collate([v[k] for v in flat]).to(device) for k in BATCHED if k in flat[0]
+            }
+            batch["caption"] = [v["caption"] for v in flat]
+            tensors = model.latent_cache_tensors(batch, text=text)
+            for i, entry in enumerate(chunk):
+                rows = slice(i * orientations, (i + 1) * orientations)
+                meta = {
+                    "caption": [v["caption"] for v in entry],
+                    "is_right": [bool(v["is_right"]) for v in entry],
+                    "key": entry[0]["key"],
+                    "hand_key": entry[0]["hand_key"],
+                    "mask_from_file": bool(entry[0]["mask_from_file"]),
+                }
+                # member keys are our own counters: sample keys from shards never name files
+                sink.write(
+                    {
+                        "__key__": f"{count:09d}",
+                        **encode_example({k: v[rows] for k, v in tensors.items()}, meta),
+                    }
+                )
+                count += 1
+    if count == 0:
+        raise ConfigError("cache-latents: the training shards gave no example")
+    manifest = {
+        "format": FORMAT,
+        "encoder": model.cache_identity(text=text),
+        "examples": datamodule.cache_settings(),
+        "sources": {"shards": source_fingerprint(datamodule.train_urls)},
+        "orientations": orientations,
+        "count": count,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=".venv/bin/python -m experiments.cache_latents",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("args", nargs="+", help="config files and key=value overrides")
+    parser.add_argument("--out", required=True, help="the cache folder (new or empty)")
+    parser.add_argument("--text", action="store_true", help="cache the text encoder's states too")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--per-shard", type=int, default=1000, help="examples per cache shard")
+    ns = parser.parse_args(argv)
+    limit_threads()
+    configure_logging()
+    out = Path(ns.out)
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(
+                f"--out {out}: not empty (a cache is written into a new or empty folder)"
+            )
+        cfg, provenance = load_config(
+            [a for a in ns.args if "=" not in a], [a for a in ns.args if "=" in a]
+        )
+        container = OmegaConf.to_container(cfg, resolve=True)
+        if (container["data"].get("params") or {}).get("latent_cache"):
+            raise ConfigError(
+                "cache-latents reads the source shards: give the config without "
+                "data.params.latent_cache"
+            )
+        datamodule = _build("data", container["data"], provenance)
+        if not hasattr(datamodule, "cache_entries"):
+            raise ConfigError(
+                f"data: {container['data']['target']} has no latent cache (the hand "
+                "generator's HandDataModule has)"
+            )
+        model = _build("model", container["model"], provenance)
+        manifest = write_cache(model, datamodule, out, ns.text, ns.batch_size, ns.per_shard)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"cached {manifest['count']} examples x {manifest['orientations']} orientations: {out}/")
+
+
+if __name__ == "__main__":
+    main()
