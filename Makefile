@@ -17,7 +17,7 @@ SYNTHETIC := data/synthetic
 MALFORMED := data/synthetic_malformed
 export PYTHONUNBUFFERED = 1
 
-.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner train-lora train-ti synthetic-malformed sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose bench-loop sample demo refine cache-latents
+.PHONY: help install shards test test-full train-hand train-outpaint train-humansd train-controlnet train-refiner train-lora train-ti synthetic-malformed sample-sd sample-two-stage eval ablations eval-metrics synthetic tensorboard lint export clean bench-pose bench-loop sample demo refine cache-latents train-hand-cached
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -70,6 +70,12 @@ train-ti: $(SYNTHETIC)/.done $(MALFORMED)/.done ## textual inversion of a hand t
 CACHE_OUT ?= data/latent_cache/hand_tiny
 cache-latents: $(SYNTHETIC)/.done ## VAE latents of CONFIG's training crops, once (CACHE_OUT=dir, ARGS="--text"); train with data.params.latent_cache=dir
 	$(PY) -m experiments.cache_latents $(CONFIG) --out $(CACHE_OUT) $(ARGS)
+
+$(CACHE_OUT)/cache.json: $(SYNTHETIC)/.done
+	$(PY) -m experiments.cache_latents experiments/hand/tiny.yaml --out $(CACHE_OUT) --overwrite
+
+train-hand-cached: $(CACHE_OUT)/cache.json ## the tiny hand generator from its latent cache (written first if missing)
+	$(PY) -m experiments.run fit experiments/hand/tiny_cached.yaml data.params.latent_cache=$(CACHE_OUT) $(ARGS)
 
 sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
 	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)

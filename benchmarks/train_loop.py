@@ -1,14 +1,17 @@
 """The Lightning ``fit`` loop against the bare training step, from pixels and from a latent
 cache, on one machine in one run (issue 18's CPU measurements).
 
-    python -m benchmarks.train_loop [--config experiments/hand/tiny.yaml] [--steps 60]
+    .venv/bin/python -m benchmarks.train_loop [--config experiments/hand/tiny.yaml] [--steps 60]
 
 The model and data come from the experiment config (EMA, validation, image grids and
 checkpoints off in every variant). ``bare step``: ``losses`` + backward + gradient clipping +
 AdamW + schedule on batches fetched beforehand; ``fit``: ``trainer.fit`` with the config's
-loader, logger and progress bar, timed from the first step after ``--warmup`` to the last. The
-cache is written into a temporary folder first. Rows of the ablation change one thing of the
-``fit`` loop (loader workers, progress bar, logger) to show where its extra time goes.
+loader, logger and progress bar, each step timed from one batch's start to the next's. Every
+variant reports its median step after ``--warmup`` steps, and the median over ``--repeats``
+rounds run round robin (the speed of two shared cores drifts over minutes and single steps
+stall; the mean would measure the machine). The cache is written into a temporary folder
+first. Rows of the ablation change one thing of the ``fit`` loop (loader workers, progress bar,
+logger) to show where its extra time goes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,18 +35,27 @@ from lightning_modules.console_callbacks import StepProgressBar
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
+    """The wall time of each step after ``warmup``: from one batch's start to the next's (the
+    loader's wait, the step, hooks, logging and the progress bar)."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.start = self.end = 0.0
+        self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+        if trainer.global_step >= self.warmup:
+            self.starts.append(time.perf_counter())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.end = time.perf_counter()
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.starts)]
+
+
+def typical(durations: list[float]) -> float:
+    """The median step: a few steps slowed by the shared machine do not move it."""
+    return statistics.median(durations)
 
 
 def build(config: dict, cache: str | None, workers: int | None):
@@ -60,16 +73,16 @@ def build(config: dict, cache: str | None, workers: int | None):
 
 
 def bare_step(config: dict, cache: str | None, steps: int, warmup: int) -> float:
-    """Seconds per step of the step alone (batches fetched beforehand)."""
+    """Median seconds per step of the step alone (batches fetched beforehand)."""
     model, datamodule = build(config, cache, workers=0)
     batches = list(itertools.islice(iter(datamodule.train_dataloader()), steps + warmup))
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     clip = config["trainer"].get("gradient_clip_val")
     model.train()
+    durations = []
     for n, batch in enumerate(batches):
-        if n == warmup:
-            start = time.perf_counter()
+        start = time.perf_counter()
         loss = model.losses(batch, train=True, generator=torch.Generator().manual_seed(n))["loss"]
         loss.backward()
         if clip:
@@ -77,26 +90,30 @@ def bare_step(config: dict, cache: str | None, steps: int, warmup: int) -> float
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+        if n >= warmup:
+            durations.append(time.perf_counter() - start)
+    return typical(durations)
 
 
 def loader_alone(config: dict, steps: int, warmup: int) -> float:
-    """Seconds per batch of the uncached training loader on its own (no workers)."""
+    """Median seconds per batch of the uncached training loader on its own (no workers)."""
     _, datamodule = build(config, None, workers=0)
     batches = iter(datamodule.train_dataloader())
     for _ in range(warmup):
         next(batches)
-    start = time.perf_counter()
+    durations = []
     for _ in range(steps):
+        start = time.perf_counter()
         next(batches)
-    return (time.perf_counter() - start) / steps
+        durations.append(time.perf_counter() - start)
+    return typical(durations)
 
 
 def fit_loop(
     config: dict, cache: str | None, steps: int, warmup: int, workers: int | None = None,
     progress_bar: bool = True, logger: bool = True, log_dir: str = "",
 ) -> float:  # fmt: skip
-    """Seconds per step of ``trainer.fit``."""
+    """Median seconds per step of ``trainer.fit``."""
     model, datamodule = build(config, cache, workers)
     timer = StepTimer(warmup)
     callbacks = [timer] + ([StepProgressBar()] if progress_bar else [])
@@ -115,7 +132,7 @@ def fit_loop(
         limit_val_batches=0,
     )
     trainer.fit(model, datamodule=datamodule)
-    return (timer.end - timer.start) / steps
+    return typical(timer.durations())
 
 
 def main() -> None:

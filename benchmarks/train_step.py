@@ -1,14 +1,19 @@
-"""Training-step throughput of the hand generator at SD 1.5 scale (random weights, same
-architecture), through handdiff's own ``from_pretrained`` path.
+"""Training-step throughput at SD 1.5 scale (random weights, same architecture, through
+handdiff's own ``from_pretrained`` path), side by side in one process with the diffusers
+example a user would otherwise run.
 
-    python benchmarks/train_step.py --batch-size 8 --resolution 512 [--gradient-checkpointing]
+    .venv/bin/python -m benchmarks.train_step --batch-size 8 --resolution 512 \
+        [--gradient-checkpointing] [--compile] [--out rows.json]
+    .venv/bin/python -m benchmarks.train_step --tiny --resolution 64 --batch-size 2 --steps 1
 
-Reports seconds per step, images/s, model FLOPs per step (torch's FlopCounterMode: UNet
-forward + backward, VAE encodes, text encoder) and model FLOP utilisation against the GPU's
-dense bf16 peak, for handdiff's step and, in the same process on the same components, for the
-step of diffusers' ``examples/text_to_image/train_text_to_image.py`` (plain 4-channel UNet, one
-VAE encode, epsilon MSE) that a user would otherwise start from. Results measured on lent GPUs
-are in benchmarks/RESULTS.md.
+Steps: the hand generator from pixels and from cached latents (the tensors a latent cache
+holds), beside ``examples/text_to_image/train_text_to_image.py`` (plain 4-channel UNet, one
+VAE encode, epsilon MSE); the ControlNet baseline beside ``examples/controlnet/
+train_controlnet.py`` (frozen UNet, trained ControlNet). Reports seconds per step, images/s,
+model FLOPs per step (torch's FlopCounterMode) and model FLOP utilisation against the GPU's
+dense bf16 peak, and peak memory. On a GPU: bf16 autocast, frozen parts in bf16, fused AdamW;
+``--compile`` adds torch.compile and channels-last to handdiff's networks. ``--tiny`` runs the
+same code on tiny random components (CPU smoke run). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import tempfile
 import time
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lightning_modules.components import SD_SCHEDULER, clip_tokenizer
 from lightning_modules.hand_generator import HandGenerator
+from lightning_modules.pose_conditioned import PoseConditionedDiffusion
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -64,94 +70,170 @@ def write_sd15_architecture(folder: str) -> None:
     DDPMScheduler(**SD_SCHEDULER).save_pretrained(f"{folder}/scheduler")
 
 
+def timed(step, steps: int, device: str) -> tuple[float, float, float | None]:
+    """``(seconds per step, model FLOPs per step, peak memory GiB)`` after 3 warm-up steps
+    (memory on CUDA only)."""
+    cuda = device == "cuda"
+    for _ in range(3):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return (time.perf_counter() - start) / steps, counter.get_total_flops(), peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="the fast path: compile + channels-last"
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny random components (a smoke run)")
+    parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = {"compile": args.compile, "channels_last": args.compile}
     with tempfile.TemporaryDirectory() as folder:
-        write_sd15_architecture(folder)
-        model = HandGenerator(
-            components={"pretrained": folder}, gradient_checkpointing=args.gradient_checkpointing
-        )
-    model.cuda()
-    for frozen in (model.vae, model.text_encoder):
-        frozen.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+        if args.tiny:
+            components = {"tiny": True}
+        else:
+            write_sd15_architecture(folder)
+            components = {"pretrained": folder}
+        checkpointing = args.gradient_checkpointing
+        model = HandGenerator(components=components, gradient_checkpointing=checkpointing, **fast)
+        controlnet = PoseConditionedDiffusion(
+            components=components, conditioning="controlnet", train_unet=False,
+            gradient_checkpointing=checkpointing, **fast,
+        )  # fmt: skip
+    bf16 = device == "cuda"
+    for module in (model, controlnet):
+        module.to(device)
+        module.configure_model()
+        frozen = [module.vae, module.text_encoder] + ([module.unet] if module is controlnet else [])
+        for part in frozen if bf16 else []:
+            part.to(torch.bfloat16)
+        module.train()
+    fused = {"fused": True} if device == "cuda" else {}
     b, r = args.batch_size, args.resolution
     batch = {
-        "image": torch.rand(b, 3, r, r, device="cuda") * 2 - 1,
-        "pose_image": torch.rand(b, 3, r, r, device="cuda"),
-        "mask": (torch.rand(b, 1, r, r, device="cuda") > 0.5).float(),
+        "image": torch.rand(b, 3, r, r, device=device) * 2 - 1,
+        "pose_image": torch.rand(b, 3, r, r, device=device),
+        "mask": (torch.rand(b, 1, r, r, device=device) > 0.5).float(),
         "caption": ["a photo of a hand showing a peace sign"] * b,
     }
+    # what a latent cache hands the step instead of pixels (datamodules/latent_cache.py)
+    cached = {**model.latent_cache_tensors(batch), "caption": batch["caption"]}
 
-    def handdiff_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.losses(batch, train=True)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def method_step(module, inputs: dict):
+        optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, **fused)
 
-    # The reference: diffusers' text-to-image fine-tuning step on an unmodified SD UNet.
-    reference_unet = UNet2DConditionModel.from_config(
-        {**dict(model.unet.config), "in_channels": 4, "out_channels": 4}
-    ).cuda()
-    reference_unet.train()
-    if args.gradient_checkpointing:
-        reference_unet.enable_gradient_checkpointing()
-    reference_optimizer = torch.optim.AdamW(reference_unet.parameters(), lr=1e-5)
+        def step() -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = module.losses(inputs, train=True)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
     ids = model.tokenizer(
         batch["caption"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids.cuda()
+    ).input_ids.to(device)
     scheduler = model.noise_scheduler
+    vae, text_encoder = model.vae, model.text_encoder
 
-    def reference_step() -> None:
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            latents = model.vae.encode(batch["image"].to(torch.bfloat16)).latent_dist.sample()
-            latents = latents.float() * model.vae.config.scaling_factor
-            text = model.text_encoder(ids)[0]
+            latents = vae.encode(batch["image"].to(vae.dtype)).latent_dist.sample()
+            return latents.float() * vae.config.scaling_factor, text_encoder(ids)[0]
+
+    # diffusers' examples/text_to_image/train_text_to_image.py step on an unmodified SD UNet
+    reference_unet = UNet2DConditionModel.from_config(
+        {**dict(model.unet.config), "in_channels": 4, "out_channels": 4}
+    ).to(device)
+    reference_unet.train()
+    if checkpointing:
+        reference_unet.enable_gradient_checkpointing()
+    reference_optimizer = torch.optim.AdamW(reference_unet.parameters(), lr=1e-5, **fused)
+
+    def text_to_image_step() -> None:
+        latents, text = encode()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (b,), device="cuda")
+        t = torch.randint(0, 1000, (b,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             pred = reference_unet(noisy, t, text).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         reference_optimizer.step()
         reference_optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    for label, step in (("handdiff", handdiff_step), ("diffusers_example", reference_step)):
-        for _ in range(3):
-            step()
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
-        result = {
-            "step": label,
-            "gpu": name,
-            "batch_size": b,
-            "resolution": r,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "seconds_per_step": round(seconds, 4),
-            "images_per_second": round(b / seconds, 2),
-            "tflop_per_step": round(flops / 1e12, 2),
-            "mfu": round(flops / seconds / (peak * 1e12), 3) if peak else None,
-            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        }
-        print(json.dumps(result))
+    # diffusers' examples/controlnet/train_controlnet.py step: frozen UNet, trained ControlNet
+    reference_controlnet = ControlNetModel.from_unet(controlnet.unet).to(device)
+    reference_controlnet.train()
+    if checkpointing:
+        reference_controlnet.enable_gradient_checkpointing()
+    controlnet_optimizer = torch.optim.AdamW(reference_controlnet.parameters(), lr=1e-5, **fused)
+    frozen_unet = controlnet.unet
+
+    def train_controlnet_step() -> None:
+        latents, text = encode()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (b,), device=device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            down, mid = reference_controlnet(
+                noisy, t, encoder_hidden_states=text, controlnet_cond=batch["pose_image"],
+                return_dict=False,
+            )  # fmt: skip
+            pred = frozen_unet(
+                noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample  # fmt: skip
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        controlnet_optimizer.step()
+        controlnet_optimizer.zero_grad(set_to_none=True)
+
+    steps = {
+        "hand generator": method_step(model, batch),
+        "hand generator, cached latents": method_step(model, cached),
+        "diffusers train_text_to_image.py": text_to_image_step,
+        "ControlNet baseline": method_step(controlnet, batch),
+        "diffusers train_controlnet.py": train_controlnet_step,
+    }
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    rows = []
+    for label, step in steps.items():
+        seconds, flops, memory = timed(step, args.steps, device)
+        rows.append({
+            "step": label, "device": name, "batch_size": b, "resolution": r,
+            "gradient_checkpointing": checkpointing, "compile": args.compile,
+            "seconds_per_step": round(seconds, 4), "images_per_second": round(b / seconds, 2),
+            "tflop_per_step": round(flops / 1e12, 3), "gflop_per_step": round(flops / 1e9, 3),
+            "mfu": round(flops / seconds / (peak_tflops * 1e12), 3) if peak_tflops else None,
+            "max_memory_gib": round(memory, 1) if memory is not None else None,
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| step | images/s | TFLOP/step | MFU | peak GiB |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['step']} | {row['images_per_second']} | {row['tflop_per_step']} | "
+              f"{row['mfu']} | {row['max_memory_gib']} |")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

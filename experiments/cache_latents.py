@@ -105,14 +105,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text", action="store_true", help="cache the text encoder's states too")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=1000, help="examples per cache shard")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a cache in --out (only its own files)"
+    )
     ns = parser.parse_args(argv)
     limit_threads()
     configure_logging()
     out = Path(ns.out)
     try:
+        if ns.overwrite and out.is_dir():
+            for file in [*out.glob("train-*.tar"), out / MANIFEST]:
+                file.unlink(missing_ok=True)
         if out.exists() and any(out.iterdir()):
             raise ConfigError(
-                f"--out {out}: not empty (a cache is written into a new or empty folder)"
+                f"--out {out}: not empty (a cache is written into a new or empty folder; "
+                "--overwrite replaces a cache's own files)"
             )
         cfg, provenance = load_config(
             [a for a in ns.args if "=" not in a], [a for a in ns.args if "=" in a]

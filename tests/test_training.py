@@ -267,6 +267,8 @@ def test_bf16_compiled_fit_on_cuda(synthetic_dir, tmp_path, monkeypatch):
                 "trainer.accelerator=gpu",
                 "trainer.precision=bf16-mixed",
                 "model.params.compile=true",
+                "model.params.channels_last=true",
+                "model.params.ema.enabled=true",
                 "trainer.max_steps=10",
             ),
         ]
@@ -279,3 +281,5 @@ def test_bf16_compiled_fit_on_cuda(synthetic_dir, tmp_path, monkeypatch):
     # compiling in place keeps the plain parameter names in checkpoints
     assert "unet.conv_in.weight" in ckpt["state_dict"]
     assert ckpt["state_dict"]["unet.conv_in.weight"].dtype == torch.float32
+    # the fast path: fused AdamW on CUDA (the default), the EMA checkpointed beside it
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True and "ema" in ckpt

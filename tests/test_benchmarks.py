@@ -1,0 +1,29 @@
+"""The GPU benchmark scripts run end to end on tiny components (a lent GPU's minutes are not
+spent finding a broken script)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+
+def test_train_step_benchmark_runs_every_step_on_tiny_components(tmp_path, monkeypatch):
+    from benchmarks import train_step
+
+    out = tmp_path / "rows.json"
+    argv = ["train_step", "--tiny", "--resolution", "64", "--batch-size", "2", "--steps", "1",
+            "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    train_step.main()
+    rows = {row["step"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {
+        "hand generator", "hand generator, cached latents", "diffusers train_text_to_image.py",
+        "ControlNet baseline", "diffusers train_controlnet.py",
+    }  # fmt: skip
+    # the cached step skips the two VAE encodes: fewer FLOPs than the step from pixels
+    cached, pixels = rows["hand generator, cached latents"], rows["hand generator"]
+    assert 0 < cached["gflop_per_step"] < pixels["gflop_per_step"]
+    assert all(row["images_per_second"] > 0 for row in rows.values())
+    assert pytest.approx(2 / cached["seconds_per_step"], rel=0.01) == cached["images_per_second"]
