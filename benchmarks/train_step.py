@@ -70,6 +70,15 @@ def write_sd15_architecture(folder: str) -> None:
     DDPMScheduler(**SD_SCHEDULER).save_pretrained(f"{folder}/scheduler")
 
 
+def benchmark_components(folder: str, tiny: bool) -> dict:
+    """``components`` of tiny random networks, or of SD 1.5's architecture written to
+    ``folder`` and loaded through ``from_pretrained``."""
+    if tiny:
+        return {"tiny": True}
+    write_sd15_architecture(folder)
+    return {"pretrained": folder}
+
+
 def timed(step, steps: int, device: str) -> tuple[float, float, float | None]:
     """``(seconds per step, model FLOPs per step, peak memory GiB)`` after 3 warm-up steps
     (memory on CUDA only)."""
@@ -105,11 +114,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = {"compile": args.compile, "channels_last": args.compile}
     with tempfile.TemporaryDirectory() as folder:
-        if args.tiny:
-            components = {"tiny": True}
-        else:
-            write_sd15_architecture(folder)
-            components = {"pretrained": folder}
+        components = benchmark_components(folder, args.tiny)
         checkpointing = args.gradient_checkpointing
         model = HandGenerator(components=components, gradient_checkpointing=checkpointing, **fast)
         controlnet = PoseConditionedDiffusion(

@@ -179,9 +179,43 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         """``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, H/8, W/8]`` (fp32): a sample
         of the VAE posterior, or its mode with ``sample=False``."""
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mode()
+        return self.scale_latents(posterior.mean, posterior.std if sample else None, generator)
+
+    def scale_latents(
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """VAE posterior ``[B, 4, h, w]`` -> scaled latents (fp32): ``mean + std * eps`` with the
+        draw diffusers' ``DiagonalGaussianDistribution.sample`` makes, or the mode without
+        ``std``."""
+        latents = (
+            mean if std is None else mean + std * self.draw_noise(mean.shape, generator, mean.dtype)
+        )
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def draw_noise(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | list[torch.Generator] | None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """N(0, I) on this module's device, drawn as diffusers' ``randn_tensor`` draws it. A CPU
+        generator's draw reaches a GPU through pinned memory without blocking the host (a
+        plain copy from pageable memory would wait for the GPU every step)."""
+        first = generator[0] if isinstance(generator, list) else generator
+        if self.device.type != "cuda" or first is None or first.device.type != "cpu":
+            return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+        return self.host_to_device(noise)
+
+    def host_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on this module's device; to a GPU without a host synchronisation."""
+        if self.device.type != "cuda" or tensor.device.type != "cpu":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def training_latents(
         self, batch: dict, generator: torch.Generator | None = None
@@ -191,10 +225,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         ``DiagonalGaussianDistribution.sample`` makes (the same noise for the same generator)."""
         if "latent_mean" not in batch:
             return self.encode_images(batch["image"], generator=generator)
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((mean + std * eps - shift) * self.vae.config.scaling_factor).float()
+        return self.scale_latents(batch["latent_mean"], batch["latent_std"], generator)
 
     def training_text(self, batch: dict, captions: list[str]) -> torch.Tensor:
         """Text states ``[B, 77, D]`` of the (possibly dropped) captions: the cache's
@@ -277,12 +308,12 @@ class LatentDiffusionModule(L.LightningModule, ABC):
         """Forward process q(z_t | z_0): returns ``(noise, timesteps [B], noisy latents)``;
         ``timesteps`` drawn uniformly unless given."""
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noise = self.draw_noise(latents.shape, generator, latents.dtype)
         if timesteps is None:
             timesteps = torch.randint(
                 0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
             )
-        timesteps = timesteps.to(self.device)
+        timesteps = self.host_to_device(timesteps)
         return noise, timesteps, self.noise_scheduler.add_noise(latents, noise, timesteps)
 
     def loss_target(

@@ -27,3 +27,19 @@ def test_train_step_benchmark_runs_every_step_on_tiny_components(tmp_path, monke
     assert 0 < cached["gflop_per_step"] < pixels["gflop_per_step"]
     assert all(row["images_per_second"] > 0 for row in rows.values())
     assert pytest.approx(2 / cached["seconds_per_step"], rel=0.01) == cached["images_per_second"]
+
+
+def test_sampling_benchmark_runs_each_sampler_beside_its_pipeline(tmp_path, monkeypatch):
+    from benchmarks import sampling
+
+    out = tmp_path / "rows.json"
+    argv = ["sampling", "--tiny", "--resolution", "64", "--batch-size", "2", "--steps", "2",
+            "--repeats", "1", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    sampling.main()
+    rows = json.loads(out.read_text())
+    assert [row["sampler"] for row in rows] == [
+        "handdiff plain SD", "diffusers StableDiffusionPipeline", "handdiff ControlNet baseline",
+        "diffusers StableDiffusionControlNetPipeline",
+    ]  # fmt: skip
+    assert all(row["images_per_second"] > 0 and row["steps"] == 2 for row in rows)
