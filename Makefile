@@ -71,11 +71,13 @@ CACHE_OUT ?= data/latent_cache/hand_tiny
 cache-latents: $(SYNTHETIC)/.done ## VAE latents of CONFIG's training crops, once (CACHE_OUT=dir, ARGS="--text"); train with data.params.latent_cache=dir
 	$(PY) -m experiments.cache_latents $(CONFIG) --out $(CACHE_OUT) $(ARGS)
 
-$(CACHE_OUT)/cache.json: $(SYNTHETIC)/.done
-	$(PY) -m experiments.cache_latents experiments/hand/tiny.yaml --out $(CACHE_OUT) --overwrite
+# the tiny hand generator's own cache, rewritten when the synthetic shards are
+TINY_CACHE := data/latent_cache/hand_tiny
+$(TINY_CACHE)/cache.json: $(SYNTHETIC)/.done
+	$(PY) -m experiments.cache_latents experiments/hand/tiny.yaml --out $(TINY_CACHE) --overwrite
 
-train-hand-cached: $(CACHE_OUT)/cache.json ## the tiny hand generator from its latent cache (written first if missing)
-	$(PY) -m experiments.run fit experiments/hand/tiny_cached.yaml data.params.latent_cache=$(CACHE_OUT) $(ARGS)
+train-hand-cached: $(TINY_CACHE)/cache.json ## the tiny hand generator from its latent cache (written first if missing)
+	$(PY) -m experiments.run fit experiments/hand/tiny_cached.yaml $(ARGS)
 
 sample-sd: $(SYNTHETIC)/.done ## plain SD baseline images for the synthetic val prompts
 	$(PY) -m experiments.run predict experiments/plain_sd/sample_tiny.yaml $(ARGS)

@@ -6,8 +6,9 @@ one process (50 DDIM steps, classifier-free guidance 7.5, SD 1.5 architecture, r
 
 Pairs: plain SD (``PoseConditionedDiffusion``, ``conditioning: none``) beside
 ``StableDiffusionPipeline``; the ControlNet pose baseline beside
-``StableDiffusionControlNetPipeline``. Reports images/s and peak memory (CUDA); on a GPU all
-networks run in bf16. Results: benchmarks/RESULTS.md.
+``StableDiffusionControlNetPipeline``. Each pair shares its networks, so ``--compile`` speeds
+both sides. Reports images/s and peak memory (CUDA); on a GPU all networks run in bf16.
+Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="compile handdiff's networks")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the networks (both sides share them)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random components (a smoke run)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
@@ -52,7 +55,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         components = benchmark_components(folder, args.tiny)
         sampler = {"scheduler": "ddim", "num_inference_steps": args.steps, "guidance_scale": 7.5}
-        plain = PoseConditionedDiffusion(components, conditioning="none", sampler=sampler)
+        plain = PoseConditionedDiffusion(
+            components, conditioning="none", sampler=sampler, compile=args.compile
+        )
         controlnet = PoseConditionedDiffusion(
             components, conditioning="controlnet", train_unet=False, sampler=sampler,
             compile=args.compile,

@@ -11,9 +11,10 @@ holds), beside ``examples/text_to_image/train_text_to_image.py`` (plain 4-channe
 VAE encode, epsilon MSE); the ControlNet baseline beside ``examples/controlnet/
 train_controlnet.py`` (frozen UNet, trained ControlNet). Reports seconds per step, images/s,
 model FLOPs per step (torch's FlopCounterMode) and model FLOP utilisation against the GPU's
-dense bf16 peak, and peak memory. On a GPU: bf16 autocast, frozen parts in bf16, fused AdamW;
-``--compile`` adds torch.compile and channels-last to handdiff's networks. ``--tiny`` runs the
-same code on tiny random components (CPU smoke run). Results: benchmarks/RESULTS.md.
+dense bf16 peak, and each step's peak memory above the resident weights. On a GPU: bf16
+autocast, frozen parts in bf16, fused AdamW; ``--compile`` adds torch.compile and channels-last
+to handdiff's networks. ``--tiny`` runs the same code on tiny random components (CPU smoke
+run). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -80,22 +81,25 @@ def benchmark_components(folder: str, tiny: bool) -> dict:
 
 
 def timed(step, steps: int, device: str) -> tuple[float, float, float | None]:
-    """``(seconds per step, model FLOPs per step, peak memory GiB)`` after 3 warm-up steps
-    (memory on CUDA only)."""
+    """``(seconds per step, model FLOPs per step, peak memory GiB)`` after 3 warm-up steps;
+    memory (CUDA only) is the step's peak above what was allocated before it: every variant's
+    networks and optimiser states stay resident in this one process."""
     cuda = device == "cuda"
     for _ in range(3):
         step()
     with FlopCounterMode(display=False) as counter:
         step()
+    resident = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if cuda:
         torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if cuda else None
     return (time.perf_counter() - start) / steps, counter.get_total_flops(), peak
 
 
@@ -229,13 +233,13 @@ def main() -> None:
             "seconds_per_step": round(seconds, 4), "images_per_second": round(b / seconds, 2),
             "tflop_per_step": round(flops / 1e12, 3), "gflop_per_step": round(flops / 1e9, 3),
             "mfu": round(flops / seconds / (peak_tflops * 1e12), 3) if peak_tflops else None,
-            "max_memory_gib": round(memory, 1) if memory is not None else None,
+            "step_peak_gib": round(memory, 1) if memory is not None else None,
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| step | images/s | TFLOP/step | MFU | peak GiB |\n|---|---|---|---|---|")
+    print("\n| step | images/s | TFLOP/step | MFU | step peak GiB |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['step']} | {row['images_per_second']} | {row['tflop_per_step']} | "
-              f"{row['mfu']} | {row['max_memory_gib']} |")  # fmt: skip
+              f"{row['mfu']} | {row['step_peak_gib']} |")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

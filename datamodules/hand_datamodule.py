@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from datamodules.hand_crops import HandCropConfig, hand_crop, visible_hands
 from datamodules.latent_cache import (
     StaleCacheError,
+    cache_shards,
     cached_examples,
     cached_orientation,
     check_manifest,
@@ -96,6 +97,8 @@ class HandDataModule(ShardDataModule):
             check_manifest(self.cache_manifest, self.cache_settings(), latent_cache, "examples")
             sources = {"shards": source_fingerprint(self.train_urls)}
             check_manifest(self.cache_manifest, sources, latent_cache, "sources")
+            own = {"shards": cache_shards(latent_cache)}
+            check_manifest(self.cache_manifest, own, latent_cache, "cache")
             if self.crop.flip_prob > 0 and self.cache_manifest["orientations"] < 2:
                 raise StaleCacheError(
                     f"latent_cache={latent_cache!r} holds unflipped crops only but "
@@ -146,4 +149,7 @@ class HandDataModule(ShardDataModule):
             return super().train_dataloader()
         urls = expand_shards(str(Path(self.latent_cache) / "train-*.tar"))
         flips = partial(cached_orientation, flip_prob=self.crop.flip_prob)
-        return self._loader(urls, train=True, example_fn=flips, decode=cached_examples)
+        decode = partial(cached_examples, tensors=self.cache_manifest["tensors"])
+        return self._loader(
+            urls, train=True, example_fn=flips, decode=decode, source="latent_cache"
+        )

@@ -52,6 +52,8 @@ def source_fingerprint(urls: Sequence[str]) -> list[dict]:
     out = []
     for url in urls:
         path = Path(url)
+        if not path.is_file():
+            raise ValueError(f"{url!r}: a latent cache is made from local shard files only")
         size = path.stat().st_size
         digest = hashlib.sha256()
         with path.open("rb") as f:
@@ -75,9 +77,13 @@ def read_manifest(folder: str | Path) -> dict:
             f"latent_cache={str(folder)!r}: no {MANIFEST} (an unfinished cache): rebuild it "
             "with make cache-latents"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise StaleCacheError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StaleCacheError(f"{path}: not a cache manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise StaleCacheError(f"{path}: format {found!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -100,18 +106,36 @@ def encode_example(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, by
     return {"latents.safetensors": save_tensors(payload), "meta.json": json.dumps(meta).encode()}
 
 
-def cached_examples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+def cache_shards(folder: str | Path) -> list[dict]:
+    """``{name, bytes}`` of a cache's own shards, in order (recorded in the manifest: a cache
+    copied in part is refused)."""
+    return [
+        {"name": p.name, "bytes": p.stat().st_size}
+        for p in sorted(Path(folder).glob("train-*.tar"))
+    ]
+
+
+def cached_examples(
+    src: Iterable[dict], counter: SkipCounter, tensors: Sequence[str] = ()
+) -> Iterator[dict]:
     """Raw webdataset samples of a cache shard -> ``{"tensors", "meta"}`` (safetensors and
-    JSON only: nothing in a cache file can run code)."""
+    JSON only: nothing in a cache file can run code); each must hold the ``tensors`` the
+    manifest lists."""
     for raw in src:
+        where = f"cache sample {raw.get('__key__')!r} in {raw.get('__url__')!r}"
         try:
-            tensors = load_tensors(raw["latents.safetensors"])
-            meta = json.load(io.BytesIO(raw["meta.json"]))
-        except (KeyError, ValueError) as error:
+            entry = {
+                "tensors": load_tensors(raw["latents.safetensors"]),
+                "meta": json.load(io.BytesIO(raw["meta.json"])),
+            }
+        except Exception as error:  # safetensors' own error type derives from Exception only
             raise StaleCacheError(
-                f"cache sample {raw.get('__key__')!r} in {raw.get('__url__')!r}: {error}"
+                f"{where}: unreadable ({type(error).__name__}: {error})"
             ) from None
-        yield {"tensors": tensors, "meta": meta}
+        missing = set(tensors) - set(entry["tensors"])
+        if missing:
+            raise StaleCacheError(f"{where}: no {sorted(missing)} (the manifest lists them)")
+        yield entry
 
 
 def cached_orientation(

@@ -109,16 +109,19 @@ class ShardDataModule(L.LightningDataModule, ABC):
         train: bool,
         example_fn: ExampleFn | None = None,
         decode: Callable | None = None,
+        source: str | None = None,
     ) -> DataLoader:
         """The stream of ``urls``: schema shards through :meth:`example_fn`, or other shards
-        (a latent cache) through ``decode`` and ``example_fn``."""
+        (a latent cache) through ``decode`` and ``example_fn``; ``source`` names them in
+        errors."""
         resampled = self.resampled and train
         world = self.trainer.world_size if self.trainer else 1
         per_worker = None
         if resampled:
             per_worker = max(1, self.epoch_size // (world * max(self.num_workers, 1)))
         else:
-            check_split(urls, world, self.num_workers, "train_shards" if train else "val_shards")
+            what = source or ("train_shards" if train else "val_shards")
+            check_split(urls, world, self.num_workers, what)
         # a resumed run continues the stream where its checkpoint left it (once)
         resume = getattr(self, "_resume", None) if train else None
         if train:
@@ -147,6 +150,15 @@ class ShardDataModule(L.LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # the skip counts stay on the CPU: the monitor adds them up every step, and reading
+        # them back from a GPU would synchronise the host each time
+        skipped = batch.pop("skipped", None) if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if skipped is not None:
+            batch["skipped"] = skipped
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_urls, train=True)

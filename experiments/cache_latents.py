@@ -2,7 +2,7 @@
 
     .venv/bin/python -m experiments.cache_latents CONFIG [more.yaml] [key=value ...] --out DIR
         [--text] [--batch-size 16] [--per-shard 1000]
-    make cache-latents CONFIG=experiments/hand/tiny.yaml OUT=data/latent_cache/hand_tiny
+    make cache-latents CONFIG=experiments/hand/tiny.yaml CACHE_OUT=data/latent_cache/hand_tiny
 
 The model and datamodule are built from the same config the training uses (so the VAE, crop
 settings and source shards recorded in the manifest are the run's); every training crop is
@@ -25,7 +25,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from datamodules.latent_cache import FORMAT, MANIFEST, encode_example, source_fingerprint
+from datamodules.latent_cache import (
+    FORMAT,
+    MANIFEST,
+    cache_shards,
+    encode_example,
+    source_fingerprint,
+)
 from experiments.config import ConfigError, load_config
 from experiments.notices import configure_logging
 from experiments.run import _build, limit_threads
@@ -47,9 +53,13 @@ def batches(entries: Iterator[list[dict]], size: int) -> Iterator[list[list[dict
 def write_cache(model, datamodule, out: Path, text: bool, batch_size: int, per_shard: int) -> dict:
     """Encode ``datamodule.cache_entries()`` with ``model.latent_cache_tensors`` into shards of
     ``out``; the manifest is written last. Returns it."""
+    # what the cache depends on, taken before hours of encoding (and before any cast)
+    identity = model.cache_identity(text=text)
+    sources = {"shards": source_fingerprint(datamodule.train_urls)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     count = orientations = 0
+    names: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for chunk in tqdm(
@@ -62,6 +72,7 @@ def write_cache(model, datamodule, out: Path, text: bool, batch_size: int, per_s
             }
             batch["caption"] = [v["caption"] for v in flat]
             tensors = model.latent_cache_tensors(batch, text=text)
+            names = sorted(tensors)
             for i, entry in enumerate(chunk):
                 rows = slice(i * orientations, (i + 1) * orientations)
                 meta = {
@@ -80,12 +91,16 @@ def write_cache(model, datamodule, out: Path, text: bool, batch_size: int, per_s
                 )
                 count += 1
     if count == 0:
+        for empty in out.glob("train-*.tar"):
+            empty.unlink()
         raise ConfigError("cache-latents: the training shards gave no example")
     manifest = {
         "format": FORMAT,
-        "encoder": model.cache_identity(text=text),
+        "encoder": identity,
         "examples": datamodule.cache_settings(),
-        "sources": {"shards": source_fingerprint(datamodule.train_urls)},
+        "sources": sources,
+        "cache": {"shards": cache_shards(out)},
+        "tensors": names,
         "orientations": orientations,
         "count": count,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -113,14 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     out = Path(ns.out)
     try:
-        if ns.overwrite and out.is_dir():
-            for file in [*out.glob("train-*.tar"), out / MANIFEST]:
-                file.unlink(missing_ok=True)
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError(
-                f"--out {out}: not empty (a cache is written into a new or empty folder; "
-                "--overwrite replaces a cache's own files)"
-            )
         cfg, provenance = load_config(
             [a for a in ns.args if "=" not in a], [a for a in ns.args if "=" in a]
         )
@@ -137,9 +144,17 @@ def main(argv: list[str] | None = None) -> None:
                 "generator's HandDataModule has)"
             )
         model = _build("model", container["model"], provenance)
+        if ns.overwrite and out.is_dir():  # only once the config has been built
+            for file in [*out.glob("train-*.tar"), out / MANIFEST]:
+                file.unlink(missing_ok=True)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(
+                f"--out {out}: not empty (a cache is written into a new or empty folder; "
+                "--overwrite replaces a cache's own files)"
+            )
         manifest = write_cache(model, datamodule, out, ns.text, ns.batch_size, ns.per_shard)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError) as exc:
+        print(f"cache-latents: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"cached {manifest['count']} examples x {manifest['orientations']} orientations: {out}/")
 

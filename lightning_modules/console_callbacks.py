@@ -26,6 +26,13 @@ class StepProgressBar(RichProgressBar):
         metrics.pop("v_num", None)
         return metrics
 
+    def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # reading the logged losses is a host synchronisation on a GPU: during training only
+        # every refresh_rate steps (Rich's bar would read them after every batch)
+        if trainer.training and trainer.global_step % max(self.refresh_rate, 1):
+            return
+        super()._update_metrics(trainer, pl_module)
+
 
 class ParameterSummary(ModelSummary):
     """Top-level modules with their parameters and train/eval mode, and the totals."""

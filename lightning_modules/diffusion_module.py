@@ -243,7 +243,14 @@ class LatentDiffusionModule(L.LightningModule, ABC):
 
     def cache_identity(self, text: bool) -> dict:
         """What a latent cache's tensors depend on in this model: the VAE's weights (a hash
-        taken before any precision cast), its scaling, and with ``text`` the text encoder's."""
+        taken before any precision cast), its scaling, the pose condition's kind, and with
+        ``text`` the text encoder's weights. Raises ValueError where cached text would be wrong
+        (a text encoder that trains)."""
+        if text and any(p.requires_grad for p in self.text_encoder.parameters()):
+            raise ValueError(
+                "the cache holds text-encoder states, but this model trains part of the text "
+                "encoder (LoRA, textual inversion): write the cache without --text"
+            )
         if not hasattr(self, "_weight_hashes"):
             self._weight_hashes = {}
 
@@ -260,6 +267,7 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             "vae": weights_hash("vae"),
             "scaling_factor": self.vae.config.scaling_factor,
             "shift_factor": getattr(self.vae.config, "shift_factor", None),
+            "pose_condition": type(getattr(self, "conditioning", None)).__name__,
         }
         if text:
             identity["text_encoder"] = weights_hash("text_encoder")
@@ -284,7 +292,8 @@ class LatentDiffusionModule(L.LightningModule, ABC):
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        ids = self.host_to_device(ids)
         trains = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.text_encoder.parameters()
         )

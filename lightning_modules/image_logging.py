@@ -34,7 +34,7 @@ class ImageGridLogger(L.Callback):
         self._batch: dict | None = None
         self._last_step = -1
 
-    def _fixed_batch(self, trainer, batch: dict) -> dict:
+    def _fixed_batch(self, trainer, batch: dict) -> dict | None:
         if self._batch is None:
             source = batch
             loaders = trainer.val_dataloaders
@@ -42,6 +42,8 @@ class ImageGridLogger(L.Callback):
                 loaders = loaders[0] if loaders else None
             if loaders is not None:
                 source = next(iter(loaders))
+            if "image" not in source:  # a latent cache's batch: nothing to draw from
+                return None
             n = self.num_images
             self._batch = {
                 k: (v[:n].cpu() if isinstance(v, torch.Tensor) else list(v[:n]))
@@ -55,6 +57,8 @@ class ImageGridLogger(L.Callback):
             return
         self._last_step = trainer.global_step
         fixed = self._fixed_batch(trainer, batch)
+        if fixed is None:
+            return
         on_device = {
             k: (v.to(pl_module.device) if isinstance(v, torch.Tensor) else v)
             for k, v in fixed.items()

@@ -38,6 +38,12 @@ from pose_estimation.people import to_uint8_hwc
 LATENT_CHANNELS = 4
 
 
+NO_PIXELS_IN_CACHE = (
+    "perceptual: the loss compares decoded and real pixels, which a latent cache does not "
+    "hold; train it without data.params.latent_cache"
+)
+
+
 class PoseConditionedDiffusion(LatentDiffusionModule):
     """Text + pose-image conditioned SD.
 
@@ -178,10 +184,7 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
         timesteps = None
         if self.perceptual is not None:
             if "image" not in batch:
-                raise ValueError(
-                    "perceptual: the loss compares decoded and real pixels, which a latent "
-                    "cache does not hold; train it without data.params.latent_cache"
-                )
+                raise ValueError(NO_PIXELS_IN_CACHE)
             steps = self.noise_scheduler.config.num_train_timesteps
             timesteps = self.perceptual.timesteps(latents.shape[0], steps, generator)
         noise, timesteps, noisy = self.add_noise(latents, generator, timesteps)
@@ -192,6 +195,11 @@ class PoseConditionedDiffusion(LatentDiffusionModule):
                 terms, batch, noisy, output[:, :LATENT_CHANNELS], timesteps
             )
         return terms
+
+    def cache_identity(self, text: bool) -> dict:
+        if self.perceptual is not None:
+            raise ValueError(NO_PIXELS_IN_CACHE)
+        return super().cache_identity(text)
 
     @torch.no_grad()
     def latent_cache_tensors(self, batch: dict, text: bool = False) -> dict[str, torch.Tensor]:

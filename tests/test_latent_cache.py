@@ -93,6 +93,16 @@ def test_a_cached_run_trains_through_the_cli(cached, synthetic_dir, tmp_path):
         "callbacks.images.params.every_n_steps=3", "callbacks.checkpoint=null",
     ])  # fmt: skip
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/loss" in metrics
+    # the same run with another VAE is refused before anything trains
+    with pytest.raises(SystemExit) as exit_:
+        main([
+            "fit", str(ROOT / "experiments/hand/tiny_cached.yaml"),
+            f"data.params.latent_cache={folder}",
+            f"data.params.train_shards={synthetic_dir}/train-*.tar",
+            f"data.params.val_shards={synthetic_dir}/val-*.tar", "data.params.crop.resolution=32",
+            "model.params.components.tiny_seed=1", f"logger.params.save_dir={tmp_path}",
+        ])  # fmt: skip
+    assert exit_.value.code == 2
 
 
 def test_stale_caches_are_refused_naming_what_differs(cached, synthetic_dir, tmp_path):
@@ -121,6 +131,19 @@ def test_stale_caches_are_refused_naming_what_differs(cached, synthetic_dir, tmp
     write_cache(cached[0], unflipped, single, text=False, batch_size=8, per_shard=64)
     with pytest.raises(StaleCacheError, match="unflipped crops only"):
         datamodule(synthetic_dir, latent_cache=str(single))
+    # a cache copied in part; cached text for a model that trains its text encoder
+    shard = sorted(folder.glob("train-*.tar"))[-1]
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial)
+    (partial / shard.name).write_bytes(shard.read_bytes()[:1024])
+    with pytest.raises(StaleCacheError, match=r"cache\.shards"):
+        datamodule(synthetic_dir, latent_cache=str(partial))
+    cached[0].text_encoder.get_input_embeddings().weight.requires_grad_(True)
+    try:
+        with pytest.raises(ValueError, match="trains part of the text encoder"):
+            cached[0].cache_identity(text=True)
+    finally:
+        cached[0].text_encoder.get_input_embeddings().weight.requires_grad_(False)
     (single / "cache.json").unlink()
     with pytest.raises(StaleCacheError, match="unfinished"):
         datamodule(synthetic_dir, latent_cache=str(single))
