@@ -1,12 +1,13 @@
 """Evaluation scoring throughput: images per second of each part of the evaluator (FID/KID
 features, CLIPSIM, the body and hand pose estimators) on the synthetic evaluation images.
 
-    .venv/bin/python -m benchmarks.scoring [--metrics experiments/eval/base/tiny.yaml] \
-        [--images 64] [--batch-size 16] [--resolution 512]
+    .venv/bin/python -m benchmarks.scoring [--metrics experiments/eval/tiny.yaml] \
+        [--images 64] [--batch-size 16] [--resolution 512] [key=value ...]
 
-``--metrics``: any evaluation config with a ``metrics`` node (the tiny one: random feature and
-CLIP networks, MediaPipe's real pose models; a paper-scale one: Inception and CLIP from local
-weights). Images are the synthetic validation people (``make synthetic``) resized to
+``--metrics``: an evaluation config (and ``key=value`` overrides), whose ``metrics`` are timed:
+the tiny one has random feature and CLIP networks and MediaPipe's real pose models; a
+paper-scale one (``experiments/eval/humanart_sd15.yaml eval_set.shards=...``) Inception and CLIP
+from local weights. Images are the synthetic validation people (``make synthetic``) resized to
 ``--resolution``; each part runs over all of them in batches after one warm-up batch, on the GPU
 when there is one (the pose estimators run on the CPU). Results: benchmarks/RESULTS.md.
 """
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.shards import SkipCounter, expand_shards, sample_pipeline
-from experiments.config import instantiate
+from experiments.config import instantiate, load_config
 from experiments.run import limit_threads
 
 
@@ -47,7 +48,8 @@ def evaluation_images(pattern: str, count: int, resolution: int) -> tuple[torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--metrics", default="experiments/eval/base/tiny.yaml")
+    parser.add_argument("--metrics", default="experiments/eval/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     parser.add_argument("--shards", default="data/synthetic/val-*.tar")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -56,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = limit_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    node = OmegaConf.to_container(OmegaConf.load(args.metrics), resolve=True)["metrics"]
+    cfg, _ = load_config([args.metrics], args.overrides)
+    node = OmegaConf.to_container(cfg, resolve=True)["metrics"]
     evaluator = instantiate(node).to(device).eval()
     images, captions = evaluation_images(args.shards, args.images, args.resolution)
     parts = {"FID/KID features": lambda x, c: evaluator.fid.inception(x),

@@ -43,3 +43,18 @@ def test_sampling_benchmark_runs_each_sampler_beside_its_pipeline(tmp_path, monk
         "diffusers StableDiffusionControlNetPipeline",
     ]  # fmt: skip
     assert all(row["images_per_second"] > 0 and row["steps"] == 2 for row in rows)
+
+
+def test_scoring_benchmark_times_every_part_of_the_evaluator(synthetic_dir, tmp_path, monkeypatch):
+    from benchmarks import scoring
+
+    out = tmp_path / "rows.json"
+    argv = ["scoring", "--shards", f"{synthetic_dir}/val-*.tar", "--images", "4",
+            "--batch-size", "2", "--resolution", "64", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    scoring.main()
+    rows = json.loads(out.read_text())
+    assert [row["part"] for row in rows] == [
+        "FID/KID features", "CLIPSIM", "body pose estimator", "hand pose estimator",
+    ]  # fmt: skip
+    assert all(row["images"] == 4 and row["ms_per_image"] > 0 for row in rows)
