@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Literal
 
@@ -134,7 +134,11 @@ def full_body_example(
 
 
 class FullBodyDataModule(ShardDataModule):
-    """Full-body training data for the outpainter (see :func:`full_body_example`)."""
+    """Full-body training data for the outpainter, the ControlNet baseline and HumanSD (see
+    :func:`full_body_example`). ``latent_cache``: a folder written by ``make cache-latents`` for
+    these shards and settings (the body keypoints travel with the latents)."""
+
+    cache_passthrough = ("body_keypoints",)
 
     def __init__(
         self,
@@ -148,6 +152,7 @@ class FullBodyDataModule(ShardDataModule):
         shuffle_buffer: int = 256,
         seed: int = 0,
         min_image_size: int = MIN_IMAGE_SIZE,
+        latent_cache: str | None = None,
     ):
         super().__init__(
             train_shards,
@@ -162,6 +167,22 @@ class FullBodyDataModule(ShardDataModule):
         )
         self.save_hyperparameters(logger=False)
         self.body = body if isinstance(body, FullBodyConfig) else FullBodyConfig(**(body or {}))
+        self.open_latent_cache(latent_cache)
 
     def example_fn(self) -> ExampleFn:
         return partial(full_body_example, config=self.body)
+
+    @property
+    def flip_prob(self) -> float:
+        return self.body.flip_prob
+
+    def example_view(self, flip: bool) -> ExampleFn:
+        return partial(full_body_example, config=replace(self.body, flip_prob=float(flip)))
+
+    def cache_settings(self) -> dict:
+        body = {k: v for k, v in asdict(self.body).items() if k != "flip_prob"}
+        return {
+            "datamodule": "FullBodyDataModule",
+            "body": body,
+            "min_image_size": self.min_image_size,
+        }

@@ -14,7 +14,10 @@ hand's skeleton palette and swapped side words, so it is encoded on its own), ea
   posterior mode for ``concat``), or ``pose_image`` ``[O, 3, H, W]`` uint8 when the condition is
   the skeleton itself (ControlNet);
 - ``mask_latent`` ``[O, 1, h, w]``: the hand mask area-averaged to latent resolution;
-- ``text_embedding`` ``[O, 77, D]`` (optional): the text encoder's output for the caption.
+- ``text_embedding`` ``[O, 77, D]`` (optional): the text encoder's output for the caption;
+- the datamodule's pass-through tensors (e.g. ``body_keypoints``), as they are.
+
+``meta.json`` holds each orientation's plain fields (caption, key, side, ...).
 
 The manifest records what the cache depends on: the encoder (a hash of the VAE's weights,
 scaling, conditioning kind, text encoder), the example settings (datamodule, crop settings,
@@ -142,18 +145,17 @@ def cached_orientation(
     cached: dict, augment: bool, rng: random.Random, flip_prob: float
 ) -> Iterator[dict]:
     """The example of one cached entry: flipped with ``flip_prob`` when ``augment`` (the one
-    draw the uncached stream makes per crop), else the unflipped orientation."""
-    tensors, meta = cached["tensors"], cached["meta"]
+    draw the uncached stream makes per example), else the unflipped orientation."""
+    tensors, views = cached["tensors"], cached["meta"]["views"]
     flip = augment and rng.random() < flip_prob
-    o = int(flip and len(meta["caption"]) > 1)
+    o = int(flip and len(views) > 1)
     example = {k: v[o] for k, v in tensors.items()}
     if "pose_image" in example:  # stored as uint8, the skeleton's own precision
         example["pose_image"] = example["pose_image"].float() / 255
-    example.update(
-        caption=meta["caption"][o],
-        is_right=meta["is_right"][o],
-        key=meta["key"],
-        hand_key=meta["hand_key"],
-        mask_from_file=meta["mask_from_file"],
-    )
+    example.update(views[o])
     yield example
+
+
+def view_metadata(view: dict) -> dict:
+    """The JSON-able fields of an example (caption, key, side, ...), cached with its tensors."""
+    return {k: v for k, v in view.items() if isinstance(v, str | bool | int | float)}

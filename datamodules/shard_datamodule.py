@@ -5,11 +5,22 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.latent_cache import (
+    StaleCacheError,
+    cache_shards,
+    cached_examples,
+    cached_orientation,
+    check_manifest,
+    read_manifest,
+    source_fingerprint,
+)
 from datamodules.schema import MIN_IMAGE_SIZE, Sample
 from datamodules.shards import (
     SkipCounter,
@@ -57,7 +68,15 @@ class ShardDataModule(L.LightningDataModule, ABC):
     training examples of one validated sample (``augment`` is True for training data; it runs
     in loader workers, so it must not hold the datamodule or trainer). Shard patterns are
     expanded and checked at construction, so a bad path fails before training starts.
+
+    Latent caches (``datamodules.latent_cache``): a subclass whose only random choice is a
+    flip defines :meth:`example_view`, :meth:`cache_settings` and :attr:`flip_prob` and calls
+    :meth:`open_latent_cache` once its settings are set; ``latent_cache`` then replaces the
+    training stream (validation still reads ``val_shards``, which a cached run needs).
     """
+
+    # tensors of an example carried into a cache as they are (besides what the model encodes)
+    cache_passthrough: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -84,11 +103,78 @@ class ShardDataModule(L.LightningDataModule, ABC):
         self.epoch_size = epoch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.latent_cache: str | None = None
+        self.cache_manifest: dict | None = None
 
     @abstractmethod
     def example_fn(self) -> ExampleFn:
         """The function that turns one sample into examples."""
 
+    # ----------------------------------------------------------------- latent caches
+    @property
+    def flip_prob(self) -> float:
+        """The probability of the one random choice an example makes (a flip)."""
+        raise ValueError(f"{type(self).__name__} has no latent cache")
+
+    def example_view(self, flip: bool) -> ExampleFn:
+        """:meth:`example_fn` with the flip forced on or off."""
+        raise ValueError(f"{type(self).__name__} has no latent cache")
+
+    def cache_settings(self) -> dict:
+        """What the cached examples depend on in this datamodule (the flip excepted: it is drawn
+        at training time from the cached orientations)."""
+        raise ValueError(f"{type(self).__name__} has no latent cache")
+
+    def open_latent_cache(self, latent_cache: str | None) -> None:
+        """Check the cache in ``latent_cache`` against this datamodule (refused, naming the key
+        that differs) and train from it."""
+        if latent_cache is None:
+            return
+        if not self.val_urls:
+            raise ValueError("latent_cache: a cached run needs val_shards (its image grids)")
+        manifest = read_manifest(latent_cache)
+        check_manifest(manifest, self.cache_settings(), latent_cache, "examples")
+        sources = {"shards": source_fingerprint(self.train_urls)}
+        check_manifest(manifest, sources, latent_cache, "sources")
+        check_manifest(manifest, {"shards": cache_shards(latent_cache)}, latent_cache, "cache")
+        if self.flip_prob > 0 and manifest["orientations"] < 2:
+            raise StaleCacheError(
+                f"latent_cache={latent_cache!r} holds unflipped examples only but "
+                f"flip_prob={self.flip_prob}: rebuild it with flips on"
+            )
+        self.latent_cache, self.cache_manifest = latent_cache, manifest
+
+    @property
+    def cache_holds_text(self) -> bool:
+        return self.cache_manifest is not None and "text_encoder" in self.cache_manifest["encoder"]
+
+    def check_cache_encoder(self, identity: dict) -> None:
+        """Refuse a cache made with another VAE (or text encoder): ``identity`` is the model's
+        ``cache_identity(text=cache_holds_text)``, handed in by the experiments layer."""
+        if self.latent_cache is not None:
+            check_manifest(self.cache_manifest, identity, self.latent_cache, "encoder")
+
+    def cache_entries(self) -> Iterator[list[dict]]:
+        """Each training example once, in every orientation training can draw: ``[unflipped]``
+        or ``[unflipped, flipped]`` (the cache writer's input; shards in order, no shuffle)."""
+        views = [self.example_view(False)]
+        if self.flip_prob > 0:
+            views.append(self.example_view(True))
+
+        def entries(samples: Iterable[Sample], counter: SkipCounter) -> Iterator[list[dict]]:
+            rng = random.Random(0)  # the forced flips make the one draw irrelevant
+            for sample in samples:
+                per_view = [list(view(sample, True, rng)) for view in views]
+                for pair in zip(*per_view, strict=True):
+                    if not isinstance(pair[0], Skipped):
+                        yield list(pair)
+
+        yield from sample_pipeline(
+            self.train_urls, entries, seed=self.seed, shuffle=False, resampled=False,
+            min_image_size=self.min_image_size,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------- loaders
     def state_dict(self) -> dict:
         """Where the training stream is (saved in checkpoints by Lightning): the epoch and the
         batches of it this rank trained on, so that a resumed run continues the stream."""
@@ -161,7 +247,14 @@ class ShardDataModule(L.LightningDataModule, ABC):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, train=True)
+        if self.latent_cache is None:
+            return self._loader(self.train_urls, train=True)
+        urls = expand_shards(str(Path(self.latent_cache) / "train-*.tar"))
+        flips = partial(cached_orientation, flip_prob=self.flip_prob)
+        decode = partial(cached_examples, tensors=self.cache_manifest["tensors"])
+        return self._loader(
+            urls, train=True, example_fn=flips, decode=decode, source="latent_cache"
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_urls, train=False) if self.val_urls else []

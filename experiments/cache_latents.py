@@ -31,6 +31,7 @@ from datamodules.latent_cache import (
     cache_shards,
     encode_example,
     source_fingerprint,
+    view_metadata,
 )
 from experiments.config import ConfigError, load_config
 from experiments.notices import configure_logging
@@ -67,28 +68,18 @@ def write_cache(model, datamodule, out: Path, text: bool, batch_size: int, per_s
         ):
             orientations = len(chunk[0])
             flat = [view for entry in chunk for view in entry]
-            batch = {
-                k: default_collate([v[k] for v in flat]).to(device) for k in BATCHED if k in flat[0]
-            }
+            keys = [k for k in (*BATCHED, *datamodule.cache_passthrough) if k in flat[0]]
+            batch = {k: default_collate([v[k] for v in flat]).to(device) for k in keys}
             batch["caption"] = [v["caption"] for v in flat]
             tensors = model.latent_cache_tensors(batch, text=text)
+            tensors.update({k: batch[k] for k in datamodule.cache_passthrough if k in batch})
             names = sorted(tensors)
             for i, entry in enumerate(chunk):
                 rows = slice(i * orientations, (i + 1) * orientations)
-                meta = {
-                    "caption": [v["caption"] for v in entry],
-                    "is_right": [bool(v["is_right"]) for v in entry],
-                    "key": entry[0]["key"],
-                    "hand_key": entry[0]["hand_key"],
-                    "mask_from_file": bool(entry[0]["mask_from_file"]),
-                }
+                meta = {"views": [view_metadata(view) for view in entry]}
                 # member keys are our own counters: sample keys from shards never name files
-                sink.write(
-                    {
-                        "__key__": f"{count:09d}",
-                        **encode_example({k: v[rows] for k, v in tensors.items()}, meta),
-                    }
-                )
+                own = {k: v[rows] for k, v in tensors.items()}
+                sink.write({"__key__": f"{count:09d}", **encode_example(own, meta)})
                 count += 1
     if count == 0:
         for empty in out.glob("train-*.tar"):
@@ -138,12 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                 "data.params.latent_cache"
             )
         datamodule = _build("data", container["data"], provenance)
-        if not hasattr(datamodule, "cache_entries"):
-            raise ConfigError(
-                f"data: {container['data']['target']} has no latent cache (the hand "
-                "generator's HandDataModule has)"
-            )
+        datamodule.cache_settings()  # a datamodule without a latent cache says so here
         model = _build("model", container["model"], provenance)
+        if not hasattr(model, "latent_cache_tensors"):
+            raise ConfigError(f"model: {type(model).__name__} trains from pixels only")
         if ns.overwrite and out.is_dir():  # only once the config has been built
             for file in [*out.glob("train-*.tar"), out / MANIFEST]:
                 file.unlink(missing_ok=True)

@@ -92,6 +92,11 @@ def build(cfg, provenance: Provenance):
     datamodule = _build("data", container["data"], provenance)
     model = _build("model", container["model"], provenance)
     if getattr(datamodule, "latent_cache", None):
+        if not hasattr(model, "latent_cache_tensors"):
+            raise ConfigError(
+                f"data.params.latent_cache: {type(model).__name__} trains from pixels only "
+                "(the hand generator, the ControlNet baseline and HumanSD take caches)"
+            )
         try:
             datamodule.check_cache_encoder(model.cache_identity(text=datamodule.cache_holds_text))
         except ValueError as exc:

@@ -172,6 +172,12 @@ class LatentDiffusionModule(L.LightningModule, ABC):
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def image_size(self, batch: dict) -> tuple[int, int]:
+        """``(H, W)`` of a batch's images, also of a latent cache's batch (which has none)."""
+        if "image" in batch:
+            return tuple(batch["image"].shape[-2:])
+        return tuple(self.vae_scale * n for n in batch["latent_mean"].shape[-2:])
+
     @torch.no_grad()
     def encode_images(
         self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None

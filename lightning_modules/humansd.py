@@ -178,7 +178,7 @@ class HumanSD(PoseConditionedDiffusion):
     def heatmaps(self, batch: dict, prediction: torch.Tensor, noise: torch.Tensor):
         """H ``[B, J, h, w]``: the network on the decoded noise difference, or the surrogate."""
         if self.heatmap.source == "gt":
-            size = tuple(batch["image"].shape[-2:])
+            size = self.image_size(batch)
             return surrogate_heatmaps(batch["body_keypoints"], size, self.heatmap)
         network = self.build_heatmap_network()
         difference = self.decode_latents(prediction.detach() - noise)
@@ -196,7 +196,7 @@ class HumanSD(PoseConditionedDiffusion):
             return F.interpolate(weight, size=latents.shape[-2:], mode="area")
         return released_code_weight(
             heat,
-            tuple(batch["image"].shape[-2:]),
+            self.image_size(batch),
             cfg.threshold,
             lambda x: self.encode_images(x, sample=True, generator=generator),
         )

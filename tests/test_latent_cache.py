@@ -20,6 +20,7 @@ from datamodules.latent_cache import (
 from datamodules.shards import SkipCounter
 from experiments.cache_latents import write_cache
 from lightning_modules.hand_generator import HandGenerator
+from lightning_modules.pose_conditioned import PoseConditionedDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP = {"resolution": 32, "flip_prob": 0.5}
@@ -72,11 +73,53 @@ def test_the_loss_from_the_cache_equals_the_loss_from_pixels(cached, synthetic_d
             a = model.losses(pixels, train=True, generator=torch.Generator().manual_seed(seed))
             b = model.losses(cache, train=True, generator=torch.Generator().manual_seed(seed))
             for key in ("loss", "loss_denoise", "loss_mask"):
-                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-7), key
+                assert float(b[key].detach()) == pytest.approx(
+                    float(a[key].detach()), rel=1e-5, abs=1e-7
+                ), key
     # the flipped orientation is another crop: mirrored image and the other side
     flipped, unflipped = read_cache(folder, 1, 6), read_cache(folder, 0, 6)
     assert (flipped["is_right"] != unflipped["is_right"]).all()
     assert not torch.allclose(flipped["latent_mean"], unflipped["latent_mean"])
+
+
+@pytest.mark.parametrize("method", ["controlnet", "humansd"])
+def test_full_body_methods_train_from_a_cache_with_the_same_loss(method, synthetic_dir, tmp_path):
+    """The ControlNet baseline (the skeleton image cached as uint8) and HumanSD (the skeleton
+    latent, body keypoints carried for its heatmap weights) from a full-body cache."""
+    from datamodules.full_body_datamodule import FullBodyDataModule
+    from lightning_modules.humansd import HumanSD
+
+    torch.manual_seed(0)
+    if method == "controlnet":
+        model = PoseConditionedDiffusion(
+            {"tiny": True}, conditioning="controlnet", train_unet=False
+        )
+    else:
+        model = HumanSD({"tiny": True}, heatmap={"weight": 1.0, "heatmap_size": 16})
+    dm = FullBodyDataModule(f"{synthetic_dir}/train-*.tar", f"{synthetic_dir}/val-*.tar",
+                            body={"resolution": 64, "flip_prob": 0.5})  # fmt: skip
+    manifest = write_cache(model, dm, tmp_path / "cache", text=False, batch_size=4, per_shard=64)
+    stored = "pose_image" if method == "controlnet" else "pose_latent"
+    assert stored in manifest["tensors"] and "body_keypoints" in manifest["tensors"]
+    assert manifest["encoder"]["pose_condition"] == type(model.conditioning).__name__
+    entries = list(dm.cache_entries())
+    for orientation in (0, 1):
+        pixels = default_collate([entry[orientation] for entry in entries[:4]])
+        cache = read_cache(tmp_path / "cache", orientation, 4)
+        assert torch.equal(cache["body_keypoints"], pixels["body_keypoints"])
+        a = model.losses(pixels, train=True, generator=torch.Generator().manual_seed(0))
+        b = model.losses(cache, train=True, generator=torch.Generator().manual_seed(0))
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-7)
+        if method == "humansd":
+            assert float(b["heatmap_weight"]) == float(a["heatmap_weight"]) > 0
+    # a cache of one method is refused by the other kind of pose condition
+    other = HandGenerator({"tiny": True})
+    opened = FullBodyDataModule(f"{synthetic_dir}/train-*.tar", f"{synthetic_dir}/val-*.tar",
+                                body={"resolution": 64, "flip_prob": 0.5},
+                                latent_cache=str(tmp_path / "cache"))  # fmt: skip
+    if method == "controlnet":
+        with pytest.raises(StaleCacheError, match=r"encoder\.pose_condition"):
+            opened.check_cache_encoder(other.cache_identity(text=False))
 
 
 def test_a_cached_run_trains_through_the_cli(cached, synthetic_dir, tmp_path):
@@ -129,7 +172,7 @@ def test_stale_caches_are_refused_naming_what_differs(cached, synthetic_dir, tmp
         f"{synthetic_dir}/train-*.tar", f"{synthetic_dir}/val-*.tar", crop={**CROP, "flip_prob": 0}
     )
     write_cache(cached[0], unflipped, single, text=False, batch_size=8, per_shard=64)
-    with pytest.raises(StaleCacheError, match="unflipped crops only"):
+    with pytest.raises(StaleCacheError, match="unflipped examples only"):
         datamodule(synthetic_dir, latent_cache=str(single))
     # a cache copied in part; cached text for a model that trains its text encoder
     shard = sorted(folder.glob("train-*.tar"))[-1]
