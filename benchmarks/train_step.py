@@ -6,10 +6,11 @@ example a user would otherwise run.
         [--gradient-checkpointing] [--compile] [--out rows.json]
     .venv/bin/python -m benchmarks.train_step --tiny --resolution 64 --batch-size 2 --steps 1
 
-Steps: the hand generator from pixels and from cached latents (the tensors a latent cache
-holds), beside ``examples/text_to_image/train_text_to_image.py`` (plain 4-channel UNet, one
-VAE encode, epsilon MSE); the ControlNet baseline beside ``examples/controlnet/
-train_controlnet.py`` (frozen UNet, trained ControlNet). Reports seconds per step, images/s,
+Steps: the hand generator and the ControlNet baseline, each from pixels and from cached latents
+(the tensors a latent cache holds). The hand generator runs beside
+``examples/text_to_image/train_text_to_image.py`` (plain 4-channel UNet, one VAE encode,
+epsilon MSE), the ControlNet baseline beside ``examples/controlnet/train_controlnet.py``
+(frozen UNet, trained ControlNet). Reports seconds per step, images/s,
 model FLOPs per step (torch's FlopCounterMode) and model FLOP utilisation against the GPU's
 dense bf16 peak, and each step's peak memory above the resident weights. On a GPU: bf16
 autocast, frozen parts in bf16, fused AdamW; ``--compile`` adds torch.compile and channels-last
@@ -143,6 +144,7 @@ def main() -> None:
     }
     # what a latent cache hands the step instead of pixels (datamodules/latent_cache.py)
     cached = {**model.latent_cache_tensors(batch), "caption": batch["caption"]}
+    controlnet_cached = {**controlnet.latent_cache_tensors(batch), "caption": batch["caption"]}
 
     def method_step(module, inputs: dict):
         optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, **fused)
@@ -220,6 +222,7 @@ def main() -> None:
         "hand generator, cached latents": method_step(model, cached),
         "diffusers train_text_to_image.py": text_to_image_step,
         "ControlNet baseline": method_step(controlnet, batch),
+        "ControlNet baseline, cached latents": method_step(controlnet, controlnet_cached),
         "diffusers train_controlnet.py": train_controlnet_step,
     }
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
