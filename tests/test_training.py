@@ -283,3 +283,23 @@ def test_bf16_compiled_fit_on_cuda(synthetic_dir, tmp_path, monkeypatch):
     assert ckpt["state_dict"]["unet.conv_in.weight"].dtype == torch.float32
     # the fast path: fused AdamW on CUDA (the default), the EMA checkpointed beside it
     assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True and "ema" in ckpt
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_fit_from_a_latent_cache_on_cuda(synthetic_dir, tmp_path, monkeypatch):
+    """The fast path end to end: a cache written on the GPU, then a compiled channels-last
+    bf16 run from it (the cache's tensors stay fp32; autocast takes them)."""
+    from datamodules.hand_datamodule import HandDataModule
+    from experiments.cache_latents import write_cache
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    dm = HandDataModule(f"{synthetic_dir}/train-*.tar", f"{synthetic_dir}/val-*.tar")
+    write_cache(HandGenerator({"tiny": True}), dm, tmp_path / "cache", text=True, batch_size=16,
+                per_shard=64)  # fmt: skip
+    metrics = main([
+        "fit", *_args(synthetic_dir, "trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+                      "model.params.compile=true", "model.params.channels_last=true",
+                      f"data.params.latent_cache={tmp_path / 'cache'}", "trainer.max_steps=10"),
+    ])  # fmt: skip
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
