@@ -36,7 +36,8 @@ import time
 import torch
 from torchvision.models import resnet50, vgg16
 
-from benchmarks.train_step import write_sd15_architecture
+from benchmarks.report import emit, write_rows
+from benchmarks.train_step import module_step, write_sd15_architecture
 from lightning_modules.pose_conditioned import PoseConditionedDiffusion
 
 VARIANTS = {
@@ -104,7 +105,6 @@ def measure(variant: str, batch_size: int, resolution: int, steps: int) -> dict:
         for frozen in (model.vae, model.text_encoder, model.unet):
             frozen.to(torch.bfloat16)
     model.train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     b, r = batch_size, resolution
     person = torch.tensor([[0.2 * r, 0.1 * r, 1.0], [0.8 * r, 0.95 * r, 1.0]])
     batch = {
@@ -114,12 +114,7 @@ def measure(variant: str, batch_size: int, resolution: int, steps: int) -> dict:
         "body_keypoints": [person[None].to(device) for _ in range(b)],
     }
 
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = model.losses(batch, train=True)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = module_step(model, batch, device)
 
     step()
     if cuda:
@@ -186,10 +181,8 @@ def main() -> None:
                    "--steps", str(args.steps)]  # fmt: skip
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        emit(rows[-1])
+    write_rows(rows, args.out)
     print(table(rows))
 
 

@@ -14,7 +14,6 @@ Results: benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from benchmarks.report import emit, markdown, write_rows
 from benchmarks.train_step import benchmark_components
 from lightning_modules.pose_conditioned import PoseConditionedDiffusion
 
@@ -114,13 +114,10 @@ def main() -> None:
             "images_per_second": round(b / seconds, 3),
             "max_memory_gib": round(memory, 1) if memory is not None else None,
         })  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| sampler | images/s | peak GiB |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['sampler']} | {row['images_per_second']} | {row['max_memory_gib']} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        emit(rows[-1])
+    columns = {"sampler": "sampler", "images/s": "images_per_second", "peak GiB": "max_memory_gib"}
+    print("\n" + markdown(rows, columns))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torchvision.transforms.functional import pil_to_tensor
 
+from benchmarks.report import emit, markdown, write_rows
 from datamodules.shards import SkipCounter, expand_shards, sample_pipeline
 from experiments.config import instantiate, load_config
 from experiments.run import limit_threads
@@ -90,14 +90,11 @@ def main() -> None:
             "images_per_second": round(len(images) / seconds, 2),
             "ms_per_image": round(seconds / len(images) * 1e3, 2),
         })  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+        emit(rows[-1])
     print(f"\n{args.metrics}, {len(images)} images at {args.resolution} px, batch {b}\n")
-    print("| part | images/s | ms/image |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['part']} | {row['images_per_second']} | {row['ms_per_image']} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    columns = {"part": "part", "images/s": "images_per_second", "ms/image": "ms_per_image"}
+    print(markdown(rows, columns))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.report import emit, write_rows
 from experiments.cache_latents import write_cache
 from experiments.config import instantiate, load_config
 from experiments.run import limit_threads
@@ -173,10 +173,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, measure in variants.items():
                 times[name].append(measure() * 1e3)
-                print(
-                    json.dumps({"variant": name, "ms_per_step": round(times[name][-1], 1)}),
-                    flush=True,
-                )
+                emit({"variant": name, "ms_per_step": round(times[name][-1], 1)})
     rows = []
     for name, runs in times.items():
         runs = sorted(runs)
@@ -192,8 +189,7 @@ def main() -> None:
         print(f"| {row['variant']} | {row['ms_per_step']:.1f} | {shown} |")
     fit_ratio = rows[1]["ms_per_step"] / rows[3]["ms_per_step"]
     print(f"\ncache speed-up: bare step {bare[False] / bare[True]:.2f}×, fit {fit_ratio:.2f}×")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

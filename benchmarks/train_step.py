@@ -21,15 +21,16 @@ run). Results: benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from benchmarks.report import emit, markdown, write_rows
 from lightning_modules.components import SD_SCHEDULER, clip_tokenizer
 from lightning_modules.hand_generator import HandGenerator
 from lightning_modules.pose_conditioned import PoseConditionedDiffusion
@@ -104,6 +105,25 @@ def timed(step, steps: int, device: str) -> tuple[float, float, float | None]:
     return (time.perf_counter() - start) / steps, counter.get_total_flops(), peak
 
 
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def module_step(module, inputs: dict, device: str, **adamw) -> Callable[[], None]:
+    """A training step of a handdiff module on ``inputs``: its ``losses`` (bf16 autocast on
+    CUDA), backward and an AdamW update (``adamw``: e.g. ``fused=True``)."""
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, **adamw)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = module.losses(inputs, train=True)["loss"]
+        optimise(loss, optimizer)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=8)
@@ -146,28 +166,20 @@ def main() -> None:
     cached = {**model.latent_cache_tensors(batch), "caption": batch["caption"]}
     controlnet_cached = {**controlnet.latent_cache_tensors(batch), "caption": batch["caption"]}
 
-    def method_step(module, inputs: dict):
-        optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5, **fused)
-
-        def step() -> None:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = module.losses(inputs, train=True)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
-
     ids = model.tokenizer(
         batch["caption"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
     scheduler = model.noise_scheduler
     vae, text_encoder = model.vae, model.text_encoder
 
-    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+    def noised() -> tuple[torch.Tensor, ...]:
+        """The examples' forward process: ``(noisy latents, t, text states, noise)``."""
         with torch.no_grad():
             latents = vae.encode(batch["image"].to(vae.dtype)).latent_dist.sample()
-            return latents.float() * vae.config.scaling_factor, text_encoder(ids)[0]
+            latents, text = latents.float() * vae.config.scaling_factor, text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (b,), device=device)
+        return scheduler.add_noise(latents, noise, t), t, text, noise
 
     # diffusers' examples/text_to_image/train_text_to_image.py step on an unmodified SD UNet
     reference_unet = UNet2DConditionModel.from_config(
@@ -179,16 +191,10 @@ def main() -> None:
     reference_optimizer = torch.optim.AdamW(reference_unet.parameters(), lr=1e-5, **fused)
 
     def text_to_image_step() -> None:
-        latents, text = encode()
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (b,), device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
+        noisy, t, text, noise = noised()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             pred = reference_unet(noisy, t, text).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        loss.backward()
-        reference_optimizer.step()
-        reference_optimizer.zero_grad(set_to_none=True)
+        optimise(torch.nn.functional.mse_loss(pred.float(), noise), reference_optimizer)
 
     # diffusers' examples/controlnet/train_controlnet.py step: frozen UNet, trained ControlNet
     reference_controlnet = ControlNetModel.from_unet(controlnet.unet).to(device)
@@ -199,10 +205,7 @@ def main() -> None:
     frozen_unet = controlnet.unet
 
     def train_controlnet_step() -> None:
-        latents, text = encode()
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (b,), device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
+        noisy, t, text, noise = noised()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             down, mid = reference_controlnet(
                 noisy, t, encoder_hidden_states=text, controlnet_cond=batch["pose_image"],
@@ -212,17 +215,16 @@ def main() -> None:
                 noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
             ).sample  # fmt: skip
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        loss.backward()
-        controlnet_optimizer.step()
-        controlnet_optimizer.zero_grad(set_to_none=True)
+        optimise(torch.nn.functional.mse_loss(pred.float(), noise), controlnet_optimizer)
 
     steps = {
-        "hand generator": method_step(model, batch),
-        "hand generator, cached latents": method_step(model, cached),
+        "hand generator": module_step(model, batch, device, **fused),
+        "hand generator, cached latents": module_step(model, cached, device, **fused),
         "diffusers train_text_to_image.py": text_to_image_step,
-        "ControlNet baseline": method_step(controlnet, batch),
-        "ControlNet baseline, cached latents": method_step(controlnet, controlnet_cached),
+        "ControlNet baseline": module_step(controlnet, batch, device, **fused),
+        "ControlNet baseline, cached latents": module_step(
+            controlnet, controlnet_cached, device, **fused
+        ),
         "diffusers train_controlnet.py": train_controlnet_step,
     }
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -238,14 +240,11 @@ def main() -> None:
             "mfu": round(flops / seconds / (peak_tflops * 1e12), 3) if peak_tflops else None,
             "step_peak_gib": round(memory, 1) if memory is not None else None,
         })  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| step | images/s | TFLOP/step | MFU | step peak GiB |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['step']} | {row['images_per_second']} | {row['tflop_per_step']} | "
-              f"{row['mfu']} | {row['step_peak_gib']} |")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        emit(rows[-1])
+    columns = {"step": "step", "images/s": "images_per_second", "TFLOP/step": "tflop_per_step",
+               "MFU": "mfu", "step peak GiB": "step_peak_gib"}  # fmt: skip
+    print("\n" + markdown(rows, columns))
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":
